@@ -1,0 +1,69 @@
+"""The d x d statistics and the one solve that refinement and fusion share.
+
+Every cross-attention key/value matrix reads the same text context, so for an objective of the form
+    sum |W x - W0 y|^2 + ...
+the minimiser is W = W0 T (or a sum of such terms) with T a d x d matrix that does not depend on the layer:
+one factorisation serves all layers. Statistics are accumulated in float64 as prompts stream past, so memory
+does not grow with the number of concepts.
+"""
+
+import torch
+
+ACC = torch.float64
+
+
+class Moments:
+    """Running sums  cross = sum y x^T  and  gram = sum x x^T  over paired token embeddings."""
+
+    def __init__(self, dim: int, device=None):
+        self.cross = torch.zeros(dim, dim, dtype=ACC, device=device)
+        self.gram = torch.zeros(dim, dim, dtype=ACC, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        x = x.reshape(-1, x.shape[-1]).to(self.gram.device, ACC)
+        y = x if y is None else y.reshape(-1, y.shape[-1]).to(self.gram.device, ACC)
+        self.gram += x.T @ x
+        self.cross += y.T @ x
+        self.count += x.shape[0]
+        return self
+
+    def mean_gram(self) -> torch.Tensor:
+        return self.gram / max(self.count, 1)
+
+
+def spd_solve_right(rhs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """rhs @ m^-1 for symmetric positive definite m, by Cholesky (never an explicit inverse)."""
+    m = 0.5 * (m + m.T)
+    chol, info = torch.linalg.cholesky_ex(m)
+    if int(info) != 0:
+        # Semi-definite statistics (few prompts, no ridge): fall back to a least-squares solve.
+        return torch.linalg.lstsq(m, rhs.T).solution.T
+    return torch.cholesky_solve(rhs.T, chol).T
+
+
+def ridge_scale(gram: torch.Tensor) -> float:
+    """Ridge and prior weights are given relative to the mean eigenvalue of the data term, so defaults hold for any
+    text encoder width and any number of prompts."""
+    return float(torch.trace(gram)) / gram.shape[0]
+
+
+def refine_transform(edit: Moments, prior: torch.Tensor | None, prior_weight: float, lam: float) -> torch.Tensor:
+    """T minimising  sum |W0 T x - W0 y|^2 + |W0 T p - W0 p|^2 (weighted) + lam |W0 T - W0|^2  for every W0 at once.
+
+    In closed form  T = (cross + P + lam I)(gram + P + lam I)^-1  with P the weighted prior second moment.
+    `prior` is a mean second moment (d x d); its weight counts in units of the edit's own token count.
+    """
+    d = edit.gram.shape[0]
+    eye = torch.eye(d, dtype=ACC, device=edit.gram.device)
+    scale = ridge_scale(edit.gram)
+    reg = lam * scale * eye
+    if prior is not None and prior_weight > 0:
+        reg = reg + prior_weight * edit.count * prior.to(edit.gram.device, ACC)
+    return spd_solve_right(edit.cross + reg, edit.gram + reg)
+
+
+def apply_transform(w0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """delta = W0 (T - I), computed in float64 and returned in float32 (the caller casts to the model dtype)."""
+    w = w0.to(ACC)
+    return (w @ t.to(w.device) - w).to(torch.float32)

@@ -1,0 +1,66 @@
+"""Stage 1, closed-form cross-attention refinement: move what the concept's prompts put into keys and values onto
+what the anchor's prompts put there, for every cross-attention layer at once.
+
+The result is one d x d transform T; each key/value matrix becomes W0 T (see closed_form.py).
+"""
+
+from typing import Callable
+
+import torch
+
+from .align import align_pairs
+from .closed_form import Moments, refine_transform
+from .concepts import TEMPLATES, Concept
+from .text import TextEncoder, check_concepts
+
+
+def edit_moments(concepts: list[Concept], enc: TextEncoder, progress: Callable[[], None] | None = None) -> Moments:
+    """Stream each concept's prompt pairs into the d x d sums; nothing per concept is kept."""
+    m = Moments(enc.dim)
+    for c in concepts:
+        old_prompts, new_prompts = c.prompts(), c.prompts(anchor=True)
+        ids_old, e_old = enc.encode(old_prompts)
+        ids_new, e_new = enc.encode(new_prompts)
+        for k in range(len(old_prompts)):
+            i_old, i_new = align_pairs(ids_old[k], ids_new[k], enc.end_id)
+            m.add(e_old[k, i_old], e_new[k, i_new])
+        if progress:
+            progress()
+    return m
+
+
+def keep_moment(names: list[str], family: str, enc: TextEncoder) -> torch.Tensor | None:
+    """Mean second moment over every token of the templated prompts of concepts the user wants kept."""
+    if not names:
+        return None
+    m = Moments(enc.dim)
+    for name in names:
+        _, feats = enc.encode([t.format(name) for t in TEMPLATES[family]])
+        m.add(feats)
+    return m.mean_gram()
+
+
+def refine(
+    concepts: list[Concept],
+    enc: TextEncoder,
+    prior: torch.Tensor | None,
+    preserve: list[str] = (),
+    prior_weight: float = 1.0,
+    preserve_weight: float = 1.0,
+    lam: float = 0.01,
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """The refinement transform T (d x d, float64).
+
+    prior: mean second moment of generic prompts (prior.py); its weight is relative to the concept prompts' own token
+    count, as is the weight of the preserved concepts (their prompts use the first concept's family templates).
+    """
+    check_concepts(concepts, enc)
+    edit = edit_moments(concepts, enc, progress)
+    keep = keep_moment(list(preserve), concepts[0].family, enc)
+    total = None
+    if prior is not None and prior_weight > 0:
+        total = prior_weight * prior.to(torch.float64)
+    if keep is not None and preserve_weight > 0:
+        total = preserve_weight * keep if total is None else total + preserve_weight * keep
+    return refine_transform(edit, total, 1.0, lam)

@@ -1,0 +1,200 @@
+"""The one place that touches ComfyUI internals for the closed-form stages: cross-attention keys and their original
+weights, per-token text encoding, patches on a clone, progress and cancel, the per-encoder cache.
+
+When ComfyUI changes, this file (and attention.py for training) is what needs mending.
+"""
+
+import hashlib
+import logging
+import os
+import re
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import comfy.lora
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+from ..mace_core.errors import MaceInputError
+
+log = logging.getLogger("MACE")
+
+_KV = re.compile(r"^diffusion_model\..*\.attn2\.to_[kv]\.weight$")
+
+
+# ---------------------------------------------------------------- model side
+
+def cross_attention_keys(model, clip=None) -> list[str]:
+    """Every attn2 to_k/to_v weight key of the UNet; a clear error for families without text cross-attention."""
+    sd = model.model_state_dict()
+    keys = sorted(k for k in sd if _KV.match(k))
+    if not keys:
+        name = type(model.model).__name__
+        raise MaceInputError("model", f"this {name} model has no UNet cross-attention (attn2.to_k/to_v) to edit.",
+                             "MACE supports SD1.x, SD2.x and SDXL-family UNets.")
+    if clip is not None:
+        widths = {sd[k].shape[1] for k in keys}
+        dim = text_width(clip)
+        if widths != {dim}:
+            raise MaceInputError("clip", f"the text encoder gives {dim}-wide features but the model's cross-attention "
+                                         f"reads {sorted(widths)}.", "Connect the CLIP loaded with this checkpoint.")
+    return keys
+
+
+def original_weights(model, keys: list[str]) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights, whatever patches this clone carries (a loaded clone's state dict is patched)."""
+    patches = model.get_key_patches("diffusion_model.")
+    return {k: patches[k][0][0] for k in keys}
+
+
+def current_weights(model, keys: list[str], device=None) -> dict[str, torch.Tensor]:
+    """Weights as this MODEL computes with them (original plus its patches), in float32."""
+    patches = model.get_key_patches("diffusion_model.")
+    out = {}
+    for k in keys:
+        w = patches[k][0][0].to(device=device, dtype=torch.float32, copy=True)
+        if len(patches[k]) > 1:
+            w = comfy.lora.calculate_weight(patches[k][1:], w, k)
+        out[k] = w
+    return out
+
+
+def with_deltas(model, deltas: dict[str, torch.Tensor], strength: float = 1.0):
+    """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing."""
+    originals = original_weights(model, list(deltas))
+    patched = model.clone()
+    spec = {k: ("diff", (d.to(device=originals[k].device, dtype=originals[k].dtype),)) for k, d in deltas.items()}
+    applied = set(patched.add_patches(spec, strength))
+    missing = set(deltas) - applied
+    if missing:
+        raise MaceInputError("model", f"{len(missing)} cross-attention weights could not be patched "
+                                      f"(e.g. {sorted(missing)[0]}).", "Use the MODEL this edit was computed for.")
+    return patched
+
+
+def compute_device():
+    return mm.get_torch_device()
+
+
+def model_fingerprint(model) -> str:
+    """Identifies the base weights of the cross-attention layers (to label files and check they fit)."""
+    keys = cross_attention_keys(model)
+    return _fingerprint(original_weights(model, keys))
+
+
+# ---------------------------------------------------------------- text side
+
+def text_width(clip) -> int:
+    return int(clip_encoder(clip).dim)
+
+
+class ClipEncoder:
+    """mace_core.text.TextEncoder over ComfyUI's CLIP: the exact per-token context the UNet sees.
+
+    Prompts are tokenized without ComfyUI's weight syntax and encoded many at a time as independent 77-token
+    windows of one call (each window is encoded on its own, so batching does not change the result).
+    """
+
+    def __init__(self, clip, batch: int = 32):
+        self.clip = clip
+        self.batch = batch
+        probe = clip.tokenize("a", disable_weights=True, return_word_ids=True)
+        self._key = next(iter(probe))
+        window = probe[self._key][0]
+        self.context_length = len(window)
+        self.end_id = int(window[2][0])
+        self.dim = None
+        _, feats = self.encode(["a"])
+        self.dim = int(feats.shape[-1])
+
+    def token_count(self, text: str) -> int:
+        toks = self.clip.tokenize(text, disable_weights=True, return_word_ids=True)[self._key]
+        return sum(1 for chunk in toks for t in chunk if t[2] != 0)
+
+    def encode(self, prompts: list[str]):
+        ids_all, feats_all = [], []
+        for i in range(0, len(prompts), self.batch):
+            part = prompts[i:i + self.batch]
+            tokenized = [self.clip.tokenize(p, disable_weights=True) for p in part]
+            merged = {k: [t[k][0] for t in tokenized] for k in tokenized[0]}
+            cond = self.clip.encode_from_tokens(merged)
+            n = len(part)
+            feats_all.append(cond.reshape(n, self.context_length, cond.shape[-1]).float())
+            ids_all += [[int(t[0]) for t in tk[self._key][0]] for tk in tokenized]
+        return ids_all, torch.cat(feats_all)
+
+
+_ENCODERS: dict[int, ClipEncoder] = {}
+
+
+def clip_encoder(clip) -> ClipEncoder:
+    enc = _ENCODERS.get(id(clip))
+    if enc is None or enc.clip is not clip:
+        enc = _ENCODERS[id(clip)] = ClipEncoder(clip)
+    return enc
+
+
+def clip_fingerprint(clip) -> str:
+    return _fingerprint(clip.get_sd())
+
+
+def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().flatten()
+        sample = t[:: max(1, t.numel() // 256)].to("cpu", torch.float32)
+        h.update(k.encode())
+        h.update(str(tuple(tensors[k].shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- cache
+
+def cache_dir() -> str:
+    path = os.path.join(folder_paths.models_dir, "mace", "cache")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+_MEMO: dict[str, torch.Tensor] = {}
+
+
+def cached_tensor(name: str, make) -> torch.Tensor:
+    """A tensor computed once per name, kept in memory and as safetensors in the pack's cache folder."""
+    if name in _MEMO:
+        return _MEMO[name]
+    path = os.path.join(cache_dir(), f"{name}.safetensors")
+    value = None
+    if os.path.isfile(path):
+        try:
+            value = load_file(path)["value"]
+        except Exception as e:  # a damaged cache file is recomputed, never trusted
+            log.warning("MACE: ignoring unreadable cache %s (%s)", path, e)
+    if value is None:
+        value = make()
+        tmp = path + ".tmp"
+        save_file({"value": value.contiguous().cpu()}, tmp)
+        os.replace(tmp, path)
+    _MEMO[name] = value
+    return value
+
+
+# ---------------------------------------------------------------- progress
+
+class Progress:
+    """ComfyUI's progress bar plus the cancel check, as the plain callable mace_core loops expect."""
+
+    def __init__(self, total: int):
+        self.bar = comfy.utils.ProgressBar(max(1, total))
+
+    def __call__(self, n: int = 1):
+        mm.throw_exception_if_processing_interrupted()
+        self.bar.update(n)
+
+
+def check_cancel():
+    mm.throw_exception_if_processing_interrupted()
+

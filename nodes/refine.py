@@ -1,0 +1,91 @@
+"""MACE Refine Cross-Attention: stage 1 as a node."""
+
+import logging
+import time
+
+from comfy_api.latest import io
+
+from ..mace_core.closed_form import apply_transform
+from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, parse_concepts, parse_names
+from ..mace_core.prior import prior_moment
+from ..mace_core.refine import refine
+from . import host
+
+log = logging.getLogger("MACE")
+
+
+def concept_inputs() -> list:
+    """The concept inputs every MACE node shares, in one place so their names and tooltips agree."""
+    anchors = ", ".join(f"{f}: '{a}'" for f, a in DEFAULT_ANCHORS.items())
+    return [
+        io.String.Input("concepts", multiline=True, default="",
+                        tooltip="Concepts to erase, one per line. Write 'concept => anchor' to choose what a line is "
+                                "mapped onto. Lines starting with # are ignored."),
+        io.Combo.Input("concept_type", options=list(FAMILIES), default="celebrity",
+                       tooltip="Which prompt templates describe the concepts (and the default anchor)."),
+        io.String.Input("anchor", default="",
+                        tooltip=f"What erased concepts turn into. Blank uses the type's default ({anchors})."),
+    ]
+
+
+def prior_for(clip, enc, progress=None):
+    """Generic-prompt statistics of this text encoder, computed once and cached on disk."""
+    name = f"prior_{host.clip_fingerprint(clip)}"
+    return host.cached_tensor(name, lambda: prior_moment(enc, progress=progress))
+
+
+class MACERefineCrossAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MACERefineCrossAttention",
+            display_name="MACE Refine Cross-Attention",
+            category="MACE",
+            description="Closed-form refinement of every cross-attention key/value projection (MACE stage 1): the "
+                        "concepts' words, and what neighbouring words and padding carry of them, are mapped onto the "
+                        "anchor, while generic prompts and the concepts to keep stay as they were. Returns a patched "
+                        "copy of the model; the input model is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to edit (SD1.x, SD2.x or SDXL UNet)."),
+                io.Clip.Input("clip", tooltip="The text encoder loaded with this model; its features are the context "
+                                              "the cross-attention reads."),
+                *concept_inputs(),
+                io.String.Input("preserve", multiline=True, default="",
+                                tooltip="Concepts to keep intact, one per line (e.g. other celebrities or artists)."),
+                io.Float.Input("preservation_strength", default=1.0, min=0.0, max=100.0, step=0.05,
+                               tooltip="How much generic prompts and the concepts to keep weigh against the erased "
+                                       "concepts' prompts (1 = equal total weight, 0 = no preservation)."),
+                io.Float.Input("lambda_", display_name="lambda", default=0.01, min=0.0, max=10.0, step=0.001,
+                               tooltip="Ridge term that keeps weights near the original, relative to the mean "
+                                       "eigenvalue of the concept statistics. Raise it for a gentler edit."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with refined cross-attention, ready for KSampler.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_):
+        model_out = refine_model(model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_)
+        return io.NodeOutput(model_out)
+
+
+def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", preservation_strength=1.0,
+                 lambda_=0.01):
+    """Parse, validate, solve, then patch a clone. Nothing is applied until every step has succeeded."""
+    items = parse_concepts(concepts, concept_type, anchor)
+    keep = parse_names(preserve)
+    keys = host.cross_attention_keys(model, clip)
+    enc = host.clip_encoder(clip)
+    progress = host.Progress(len(items) + 1)
+    t0 = time.perf_counter()
+    prior = prior_for(clip, enc) if preservation_strength > 0 else None
+    progress()
+    t = refine(items, enc, prior, keep, prior_weight=preservation_strength, preserve_weight=preservation_strength,
+               lam=lambda_, progress=progress)
+    device = host.compute_device()
+    deltas = {k: apply_transform(w, t.to(device)) for k, w in host.current_weights(model, keys, device).items()}
+    out = host.with_deltas(model, deltas)
+    log.info("MACE refine: %d concepts, %d matrices in %.2fs", len(items), len(keys), time.perf_counter() - t0)
+    return out
+
+
+NODES = [MACERefineCrossAttention]
