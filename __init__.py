@@ -1,14 +1,11 @@
-"""MACE concept erasure for ComfyUI: registers the pack's nodes, nothing else."""
+"""MACE concept erasure for ComfyUI: registers the pack's nodes, nothing else.
 
-from comfy_api.latest import ComfyExtension
-
-from .nodes import registry
-
-
-class MaceExtension(ComfyExtension):
-    async def get_node_list(self):
-        return registry.all_nodes()
+Imports happen when ComfyUI calls the entry point, so importing this folder outside ComfyUI (test collection,
+tools) has no side effects.
+"""
 
 
-async def comfy_entrypoint() -> MaceExtension:
+async def comfy_entrypoint():
+    from .nodes.registry import MaceExtension
+
     return MaceExtension()

@@ -46,7 +46,7 @@ def cross_attention_keys(model, clip=None) -> list[str]:
 def original_weights(model, keys: list[str]) -> dict[str, torch.Tensor]:
     """The checkpoint's weights, whatever patches this clone carries (a loaded clone's state dict is patched)."""
     patches = model.get_key_patches("diffusion_model.")
-    return {k: patches[k][0][0] for k in keys}
+    return {k: patches[k][0][0].detach() for k in keys}
 
 
 def current_weights(model, keys: list[str], device=None) -> dict[str, torch.Tensor]:
@@ -54,7 +54,7 @@ def current_weights(model, keys: list[str], device=None) -> dict[str, torch.Tens
     patches = model.get_key_patches("diffusion_model.")
     out = {}
     for k in keys:
-        w = patches[k][0][0].to(device=device, dtype=torch.float32, copy=True)
+        w = patches[k][0][0].detach().to(device=device, dtype=torch.float32, copy=True)
         if len(patches[k]) > 1:
             w = comfy.lora.calculate_weight(patches[k][1:], w, k)
         out[k] = w

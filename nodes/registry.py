@@ -1,9 +1,8 @@
-"""Collects the node classes of every node module; a module that fails to import is logged, not fatal."""
+"""Collects the node classes of every node module into the pack's ComfyUI extension."""
 
 import importlib
-import logging
 
-log = logging.getLogger("MACE")
+from comfy_api.latest import ComfyExtension
 
 MODULES = ["refine", "train", "loras", "fuse", "erasure", "concept_world"]
 
@@ -15,7 +14,12 @@ def all_nodes() -> list:
             mod = importlib.import_module(f".{name}", __package__)
         except ModuleNotFoundError as e:
             if e.name and e.name.endswith(f"nodes.{name}"):
-                continue  # module not written yet
+                continue  # this node family is not part of the build
             raise
         found += list(getattr(mod, "NODES", []))
     return found
+
+
+class MaceExtension(ComfyExtension):
+    async def get_node_list(self):
+        return all_nodes()

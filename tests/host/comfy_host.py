@@ -53,7 +53,8 @@ def boot():
     _booted = True
 
 
-def tiny_unet_config(model_channels=32, context_dim=64, channel_mult=(1, 2), transformer_depth_middle=1):
+def tiny_unet_config(model_channels=32, context_dim=64, channel_mult=(1, 2), transformer_depth_middle=1,
+                     transformer_depth=1):
     """The keys comfy.model_detection.detect_unet_config yields for an SD1.x UNet, at toy size."""
     levels = len(channel_mult)
     return {
@@ -66,10 +67,10 @@ def tiny_unet_config(model_channels=32, context_dim=64, channel_mult=(1, 2), tra
         "out_channels": 4,
         "model_channels": model_channels,
         "num_res_blocks": [1] * levels,
-        "transformer_depth": [1] * levels,
-        "transformer_depth_output": [1] * (2 * levels),
+        "transformer_depth": [transformer_depth] * levels,
+        "transformer_depth_output": [transformer_depth] * (2 * levels),
         "channel_mult": list(channel_mult),
-        "transformer_depth_middle": transformer_depth_middle,
+        "transformer_depth_middle": transformer_depth_middle if transformer_depth else -1,
         "use_linear_in_transformer": False,
         "context_dim": context_dim,
         "use_temporal_resblock": False,
@@ -78,16 +79,17 @@ def tiny_unet_config(model_channels=32, context_dim=64, channel_mult=(1, 2), tra
     }
 
 
-def _init_(module, seed):
-    # ComfyUI's ops skip reset_parameters; give every weight a deterministic, well-scaled value.
+def _init_(module, seed, std=None):
+    # ComfyUI's ops skip reset_parameters; give every weight a deterministic value: 1/sqrt(fan_in) for the UNet,
+    # a fixed small std for the text encoder as CLIP's own initialisation does.
     import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
             if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+                scale = std if std is not None else 1 / p[0].numel() ** 0.5
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
             elif name.endswith("weight"):
                 p.fill_(1.0)
             else:
@@ -121,6 +123,5 @@ def tiny_clip(dtype=None, seed=0, width=64):
     cfg = {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
            "num_hidden_layers": 2, "projection_dim": width}
     clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, "clip_l_model_config": cfg})
-    _init_(clip.cond_stage_model, seed + 1)
-    # position ids etc. are buffers; embeddings need a sane scale for the tokens to differ
+    _init_(clip.cond_stage_model, seed + 1, std=0.02)
     return clip
