@@ -1,0 +1,173 @@
+"""Stage 3, closed-form fusion: many per-concept LoRAs become one update per cross-attention key/value matrix.
+
+Per matrix, with W' the current (refined) weight and W0 the original one,
+
+    min_W  sum_i sum_{e in prompts of concept i} |W e - (W' + dW_i) e|^2  +  |W p - W0 p|^2 (prior, kept concepts)
+           + lam |W - W'|^2
+
+    W* = [ sum_i (W' + dW_i) G_i + W0 P + lam W' ] (G + P + lam I)^-1,   G = sum_i G_i
+
+Subtracting W' (M - M) gives the delta directly, without cancellation:
+
+    W* - W' = [ sum_i up_i (down_i G_i) + (W0 - W') P ] M^-1,   M = G + P + lam I
+
+M is d x d and shared by every layer, so it is factorised once. Each concept's G_i is computed from its prompts,
+folded into one (out, d) accumulator per matrix and dropped: memory does not grow with the number of LoRAs, and no
+full-size dW_i is ever formed.
+"""
+
+import logging
+from typing import Callable, Iterable
+
+import torch
+
+from .closed_form import ACC, ridge_scale
+from .concepts import Concept, check_family
+from .errors import MaceInputError
+from .lora_bundle import ConceptLoRA
+from .refine import keep_moment
+from .text import TextEncoder, check_concepts
+
+log = logging.getLogger("MACE")
+
+
+class SpdSolver:
+    """x -> x @ m^-1 for a symmetric positive (semi-)definite m, factorised once and applied to many right-hand sides.
+
+    (closed_form.spd_solve_right factorises on every call; fusion solves for every layer with the same m.)
+    """
+
+    def __init__(self, m: torch.Tensor):
+        m = 0.5 * (m + m.T)
+        chol, info = torch.linalg.cholesky_ex(m)
+        self.chol = chol if int(info) == 0 else None
+        if self.chol is None:
+            # Semi-definite statistics (few prompts, no ridge, no prior): minimum-norm solution via one eigensystem.
+            vals, vecs = torch.linalg.eigh(m)
+            keep = vals > vals.abs().max() * m.shape[0] * torch.finfo(m.dtype).eps
+            self.pinv = (vecs[:, keep] / vals[keep]) @ vecs[:, keep].T
+            log.warning("MACE fuse: statistics are rank %d of %d; using a pseudo-inverse (raise lambda for a ridge).",
+                        int(keep.sum()), m.shape[0])
+
+    def __call__(self, rhs: torch.Tensor) -> torch.Tensor:
+        if self.chol is not None:
+            return torch.cholesky_solve(rhs.T, self.chol).T
+        return rhs @ self.pinv
+
+
+def concept_of(lora: ConceptLoRA) -> Concept:
+    return Concept(lora.concept, lora.anchor, lora.family)
+
+
+def check_loras(loras: list[ConceptLoRA], shapes: dict[str, tuple], input_name: str = "loras"):
+    """Every LoRA must name a concept and fit the model's cross-attention matrices exactly."""
+    if not loras:
+        raise MaceInputError(input_name, "the LoRA bundle is empty.",
+                             "Connect the output of MACE Train or MACE Load LoRAs with at least one concept.")
+    for lora in loras:
+        who = f"LoRA for '{lora.concept}'"
+        if not lora.concept.strip():
+            raise MaceInputError(input_name, "a LoRA has no concept name.",
+                                 "Load foreign LoRA files with 'file => concept' lines.")
+        check_family(lora.family, input_name)
+        if not lora.up:
+            raise MaceInputError(input_name, f"{who} has no weights.")
+        for k in lora.keys:
+            if k not in shapes:
+                raise MaceInputError(input_name, f"{who} changes '{k}', which is not a cross-attention key/value "
+                                                 "weight of this model.",
+                                     "Use LoRAs made for this model (same architecture).")
+            if k not in lora.down:
+                raise MaceInputError(input_name, f"{who} has an up matrix but no down matrix for '{k}'.")
+            out, d = shapes[k]
+            up, down = lora.up[k], lora.down[k]
+            fits = up.ndim == down.ndim == 2 and up.shape[0] == out and down.shape[1] == d
+            if not fits or up.shape[1] != down.shape[0]:
+                raise MaceInputError(input_name, f"{who} has shapes up {tuple(up.shape)}, down {tuple(down.shape)} "
+                                                 f"for '{k}', but the model's weight is {out} x {d}.",
+                                     "These LoRAs were made for another model; use the model they were trained on.")
+
+
+def fuse(
+    loras: Iterable[ConceptLoRA],
+    enc: TextEncoder,
+    current: dict[str, torch.Tensor],
+    original: dict[str, torch.Tensor],
+    prior: torch.Tensor | None = None,
+    preserve: list[str] = (),
+    prior_weight: float = 1.0,
+    preserve_weight: float = 1.0,
+    lam: float = 0.01,
+    device=None,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Delta W* - W' (float32, on `device`) for every key of `current` that changes.
+
+    current / original: W' and W0 per cross-attention key. prior: mean second moment of generic prompts (prior.py).
+    Prior and kept concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to the
+    mean eigenvalue of the concept statistics.
+    """
+    loras = list(loras)
+    shapes = {k: tuple(w.shape) for k, w in current.items()}
+    check_loras(loras, shapes)
+    check_concepts([concept_of(lora) for lora in loras], enc, "loras")
+    if device is None:
+        device = next(iter(current.values())).device
+    d = enc.dim
+    if {s[1] for s in shapes.values()} != {d}:
+        raise MaceInputError("clip", f"the text encoder gives {d}-wide features but the cross-attention reads "
+                                     f"{sorted({s[1] for s in shapes.values()})}.", "Connect this model's CLIP.")
+
+    gram = torch.zeros(d, d, dtype=ACC, device=device)
+    count = 0
+    acc: dict[str, torch.Tensor] = {}
+    for lora in loras:
+        _, feats = enc.encode(concept_of(lora).prompts())
+        x = feats.reshape(-1, d).to(device, ACC)
+        g = x.T @ x
+        gram += g
+        count += x.shape[0]
+        for k in lora.keys:
+            # dW_i G_i = up (down G_i): an (r, d) product, then (out, r) @ (r, d); no (out, d) delta per LoRA.
+            term = (lora.up[k].to(device, ACC) * lora.scale) @ (lora.down[k].to(device, ACC) @ g)
+            if k in acc:
+                acc[k] += term
+            else:
+                acc[k] = term
+        del x, g
+        if progress:
+            progress()
+
+    eye = torch.eye(d, dtype=ACC, device=device)
+    m = gram + lam * ridge_scale(gram) * eye
+    p = None
+    if prior is not None and prior_weight > 0:
+        p = prior_weight * count * prior.to(device, ACC)
+    keep = keep_moment(list(preserve), loras[0].family, enc) if preserve and preserve_weight > 0 else None
+    if keep is not None:
+        kp = preserve_weight * count * keep.to(device, ACC)
+        p = kp if p is None else p + kp
+    if p is not None:
+        m = m + p
+    solve = SpdSolver(m)
+
+    deltas = {}
+    for k in current:
+        rhs = acc.pop(k, None)
+        if p is not None:
+            back = (original[k].to(device, ACC) - current[k].to(device, ACC)) @ p
+            rhs = back if rhs is None else rhs + back
+        if rhs is not None:  # a matrix no LoRA touches and no prior pulls back keeps W' (no patch)
+            deltas[k] = solve(rhs).to(torch.float32)
+    log.info("MACE fuse: %d LoRAs, %d concept tokens, %d matrices", len(loras), count, len(deltas))
+    return deltas
+
+
+def naive_sum(loras: Iterable[ConceptLoRA], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The plain sum of every LoRA's update (what the paper shows interferes); for comparisons."""
+    loras, out = list(loras), {}
+    for k in keys:
+        for lora in loras:
+            if k in lora.up:
+                out[k] = out[k] + lora.delta(k) if k in out else lora.delta(k)
+    return out

@@ -1,0 +1,143 @@
+"""Closed-form fusion against the stacked least-squares problem it claims to solve, on host-free tensors."""
+
+import zlib
+
+import pytest
+import torch
+
+from mace_core.closed_form import ridge_scale
+from mace_core.concepts import TEMPLATES
+from mace_core.errors import MaceInputError
+from mace_core.fuse import fuse, naive_sum
+from mace_core.lora_bundle import ConceptLoRA
+
+
+class HashEncoder:
+    """TextEncoder stand-in: each prompt gets fixed random features seeded by its text (plus a shared component, as
+    real prompts share start and padding tokens)."""
+
+    end_id = 0
+
+    def __init__(self, dim=16, context_length=12):
+        self.dim, self.context_length = dim, context_length
+        self.shared = torch.randn(context_length, dim, generator=torch.Generator().manual_seed(7))
+
+    def token_count(self, text):
+        return len(text.split())
+
+    def encode(self, prompts):
+        feats = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
+            feats.append(0.5 * self.shared + torch.randn(self.context_length, self.dim, generator=g))
+        return [[1] * self.context_length for _ in prompts], torch.stack(feats)
+
+
+def make_loras(keys_shapes, names, rank=1, seed=0, family="celebrity"):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(names):
+        up = {k: torch.randn(o, rank, generator=g) * 0.3 for k, (o, d) in keys_shapes.items()}
+        down = {k: torch.randn(rank, d, generator=g) / d**0.5 for k, (o, d) in keys_shapes.items()}
+        out.append(ConceptLoRA(n, "a person", family, rank, 10, up, down, alpha=0.5 * rank if i % 2 else None))
+    return out
+
+
+def setup(dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {f"diffusion_model.b{i}.attn2.to_{kv}.weight": (o, dim) for i, o in enumerate((8, 24, 16))
+              for kv in "kv"}
+    w0 = {k: torch.randn(s, generator=g) / dim**0.5 for k, s in shapes.items()}
+    wp = {k: w + 0.05 * torch.randn(w.shape, generator=g) for k, w in w0.items()}  # "refined" W'
+    return shapes, w0, wp
+
+
+def stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, prior_weight, keep_weight, lam):
+    """The objective written out row by row and solved per matrix by least squares (float64)."""
+    xs = [features(enc, lora).double() for lora in loras]
+    n = sum(x.shape[0] for x in xs)
+    gram = sum(x.T @ x for x in xs)
+    r = (lam * ridge_scale(gram)) ** 0.5
+    out = {}
+    for k in wp:
+        rows, targets = [], []
+        for lora, x in zip(loras, xs):
+            w_i = wp[k].double() + (lora.delta(k, torch.float64) if k in lora.up else 0)
+            rows.append(x)
+            targets.append(x @ w_i.T)
+        for p, wt in ((prior_rows, prior_weight), (keep_rows, keep_weight)):
+            if p is not None and wt > 0:
+                c = (wt * n / p.shape[0]) ** 0.5
+                rows.append(c * p)
+                targets.append(c * p @ w0[k].double().T)
+        rows.append(r * torch.eye(enc.dim, dtype=torch.float64))
+        targets.append(r * wp[k].double().T)
+        sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets), driver="gelsd").solution.T
+        out[k] = sol - wp[k].double()
+    return out
+
+
+def features(enc, lora):
+    """Every token of the concept's templated prompts, as the fusion sees them."""
+    return enc.encode([t.format(lora.concept) for t in TEMPLATES[lora.family]])[1].reshape(-1, enc.dim)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_fusion_equals_stacked_least_squares(rank):
+    shapes, w0, wp = setup()
+    enc = HashEncoder()
+    loras = make_loras(shapes, ["Alice Smith", "Bob Jones", "Carol White"], rank=rank)
+    del loras[1].up["diffusion_model.b0.attn2.to_k.weight"], loras[1].down["diffusion_model.b0.attn2.to_k.weight"]
+    prior_rows = torch.randn(50, enc.dim, generator=torch.Generator().manual_seed(3)).double()
+    prior = prior_rows.T @ prior_rows / prior_rows.shape[0]
+    keep = ["Dave Brown"]
+    keep_rows = enc.encode([t.format(keep[0]) for t in TEMPLATES["celebrity"]])[1].reshape(-1, enc.dim).double()
+    deltas = fuse(loras, enc, wp, w0, prior, keep, prior_weight=0.7, preserve_weight=0.4, lam=0.02)
+    ref = stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, 0.7, 0.4, 0.02)
+    assert set(deltas) == set(wp)
+    for k in wp:
+        assert deltas[k].dtype == torch.float32
+        assert rel(deltas[k], ref[k]) < 1e-5, k
+
+
+def test_fusion_without_prior_or_ridge_matches_and_beats_naive_sum():
+    shapes, w0, wp = setup(seed=1)
+    enc = HashEncoder()
+    loras = make_loras(shapes, ["Alice Smith", "Bob Jones", "Carol White", "Erin Black"], seed=2)
+    deltas = fuse(loras, enc, wp, w0, None, (), lam=0.0)
+    ref = stacked_solution(loras, enc, wp, w0, None, None, 0, 0, 0.0)
+    naive = naive_sum(loras, wp)
+    err_fused = err_naive = 0.0
+    for k in wp:
+        assert rel(deltas[k], ref[k]) < 1e-5
+        for lora in loras:
+            x = features(enc, lora)
+            want = x @ lora.delta(k).T
+            err_fused += float((x @ deltas[k].T - want).norm() ** 2)
+            err_naive += float((x @ naive[k].T - want).norm() ** 2)
+    assert err_fused < 0.5 * err_naive
+
+
+def test_unchanged_weights_without_loras_on_a_key_are_left_out():
+    shapes, w0, _ = setup()
+    enc = HashEncoder()
+    loras = make_loras({k: s for k, s in shapes.items() if "b1" in k}, ["Alice Smith"])
+    deltas = fuse(loras, enc, w0, w0, None, ())  # W' = W0: only the LoRA's keys change
+    assert set(deltas) == {k for k in shapes if "b1" in k}
+
+
+def test_bad_bundles_are_refused():
+    shapes, w0, wp = setup()
+    enc = HashEncoder()
+    with pytest.raises(MaceInputError, match="empty"):
+        fuse([], enc, wp, w0)
+    other = make_loras({k: (o, 32) for k, (o, _) in shapes.items()}, ["Alice Smith"])
+    with pytest.raises(MaceInputError, match="another model"):
+        fuse(other, enc, wp, w0)
+    alien = make_loras({"diffusion_model.x.attn1.to_q.weight": (8, 16)}, ["Alice Smith"])
+    with pytest.raises(MaceInputError, match="not a cross-attention"):
+        fuse(alien, enc, wp, w0)
