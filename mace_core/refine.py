@@ -17,10 +17,14 @@ from .text import TextEncoder, check_concepts
 def edit_moments(concepts: list[Concept], enc: TextEncoder, progress: Callable[[], None] | None = None) -> Moments:
     """Stream each concept's prompt pairs into the d x d sums; nothing per concept is kept."""
     m = Moments(enc.dim)
+    anchors: dict[tuple[str, str], tuple] = {}  # concepts usually share a few anchors: encode each once
     for c in concepts:
         old_prompts, new_prompts = c.prompts(), c.prompts(anchor=True)
         ids_old, e_old = enc.encode(old_prompts)
-        ids_new, e_new = enc.encode(new_prompts)
+        key = (c.anchor, c.family)
+        if key not in anchors:
+            anchors[key] = enc.encode(new_prompts)
+        ids_new, e_new = anchors[key]
         for k in range(len(old_prompts)):
             i_old, i_new = align_pairs(ids_old[k], ids_new[k], enc.end_id)
             m.add(e_old[k, i_old], e_new[k, i_new])

@@ -125,3 +125,44 @@ def tiny_clip(dtype=None, seed=0, width=64):
     clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, "clip_l_model_config": cfg})
     _init_(clip.cond_stage_model, seed + 1, std=0.02)
     return clip
+
+
+def tiny_vae(seed=0):
+    """A real comfy.sd.VAE with TAESD architecture (randomly initialised)."""
+    import comfy.sd
+    import comfy.taesd.taesd
+    import torch
+
+    torch.manual_seed(seed)
+    sd = comfy.taesd.taesd.TAESD(latent_channels=4).state_dict()
+    return comfy.sd.VAE(sd=sd)
+
+
+def write_sd15_checkpoint(path, seed=0):
+    """A checkpoint CheckpointLoaderSimple detects as SD1.5: model_channels 320 and context_dim 768 (what detection
+    keys on) but one level, one res block and no middle block, the full CLIP-L, a TAESD VAE; fp16, ~275 MiB."""
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models
+    import comfy.model_management as mm
+    import torch
+
+    cfg = tiny_unet_config(model_channels=320, context_dim=768, channel_mult=(1,), transformer_depth_middle=-2)
+    cfg.pop("num_head_channels")
+    conf = comfy.supported_models.SD15(cfg)
+    conf.set_inference_dtype(torch.float16, None)
+    model = conf.get_model({})
+    _init_(model.diffusion_model, seed)
+    model.diffusion_model.half()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float16})
+    _init_(clip.cond_stage_model, seed + 1, std=0.02)
+    tmp = str(path) + ".tmp"
+    comfy.sd.save_checkpoint(tmp, patcher, clip, tiny_vae(seed))
+    import os
+
+    os.replace(tmp, path)
+    return path

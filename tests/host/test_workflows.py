@@ -1,0 +1,115 @@
+"""Workflow files: valid for ComfyUI's frontend, in step with their generator, and run headless by a real server."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import comfy_host
+
+sys.path.insert(0, str(comfy_host.PACK / "scripts"))
+from comfy_server import ComfyServer, error_text  # noqa: E402
+from pipelines import WORKFLOWS, refine_graph  # noqa: E402
+from workflow_graph import check_ui, node_info, to_ui  # noqa: E402
+
+WF = comfy_host.PACK / "workflows"
+
+
+@pytest.fixture(scope="module")
+def object_info(pack):
+    import nodes
+
+    return {name: node_info(cls, name) for name, cls in nodes.NODE_CLASS_MAPPINGS.items()}
+
+
+def test_every_workflow_file_loads_in_the_frontend_shape(object_info):
+    files = sorted(WF.glob("*.json"))
+    assert files, "no workflows"
+    for f in files:
+        ui = json.loads(f.read_text())
+        assert check_ui(ui, object_info) == [], f.name
+        api = json.loads((WF / "api" / f.name).read_text())
+        assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in api.values()}, f.name
+
+
+def test_check_ui_catches_broken_files(object_info):
+    ui = to_ui(refine_graph().api(), object_info)
+    ui["nodes"][1]["widgets_values"] = ui["nodes"][1]["widgets_values"][:-1]
+    ui["links"][0][3] = 999
+    ui["nodes"][2]["type"] = "NoSuchNode"
+    problems = " | ".join(check_ui(ui, object_info))
+    assert "widget values" in problems and "does not exist" in problems and "unknown type" in problems
+
+
+def test_committed_workflows_match_their_generator(object_info):
+    for name, make in WORKFLOWS.items():
+        api = make().api()
+        assert json.loads((WF / "api" / f"{name}.json").read_text()) == api, f"{name}: run scripts/make_workflows.py"
+        assert json.loads((WF / f"{name}.json").read_text()) == to_ui(api, object_info), name
+
+
+@pytest.fixture(scope="session")
+def checkpoint():
+    """An SD1.5-detected checkpoint, generated once per machine (never committed)."""
+    import torch
+
+    path = comfy_host.HOST / "models" / "checkpoints" / "mace_test_sd15.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.inference_mode():
+            comfy_host.write_sd15_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_base(tmp_path_factory, checkpoint):
+    """A ComfyUI base directory holding only this pack and the test checkpoint."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    (base / "custom_nodes").mkdir()
+    os.symlink(comfy_host.PACK, base / "custom_nodes" / "comfyui-mace")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    os.symlink(checkpoint, base / "models" / "checkpoints" / checkpoint.name)
+    # Share the pack's per-encoder cache with the host, so the generic-prompt statistics are computed once per machine.
+    shared = comfy_host.HOST / "models" / "mace"
+    shared.mkdir(parents=True, exist_ok=True)
+    os.symlink(shared, base / "models" / "mace")
+    return base
+
+
+@pytest.fixture(scope="session")
+def server(server_base):
+    with ComfyServer(extra_args=["--base-directory", str(server_base)], log_file=server_base / "server.log") as s:
+        yield s
+
+
+def test_refine_api_workflow_runs_on_a_real_server(server, server_base, checkpoint):
+    api = json.loads((WF / "api" / "refine_cross_attention.json").read_text())
+    for node in api.values():  # the shipped graph at test size, on the generated checkpoint
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = checkpoint.name
+        elif node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=64, height=64)
+        elif node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 2
+    entry = server.run(api, timeout=600, show_progress=False)
+    assert error_text(entry) is None, error_text(entry)
+    saved = [img["filename"] for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert len(saved) == 2
+    for name in saved:
+        assert (server_base / "output" / name).stat().st_size > 0
+    assert "MACERefineCrossAttention" in server.get("/object_info")
+
+
+def test_bad_concept_fails_the_run_with_the_clear_message(server, checkpoint):
+    api = refine_graph(ckpt=checkpoint.name, concepts="art", size=64, steps=1).api()
+    entry = server.run(api, timeout=300, show_progress=False)
+    msg = error_text(entry)
+    assert msg and "input 'concepts'" in msg and "same as its anchor" in msg
+
+
+def test_object_info_of_the_server_agrees_with_in_process(server, object_info):
+    remote = server.get("/object_info")
+    for name in ("MACERefineCrossAttention", "KSampler"):
+        assert remote[name]["input_order"] == object_info[name].get("input_order", remote[name]["input_order"])
