@@ -1,0 +1,274 @@
+"""MACE Train Concept LoRA: stage 2 as a node (one attention-suppressing LoRA per concept)."""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image, ImageDraw, ImageFont
+
+from ..mace_core.attention_loss import TIMESTEP_KINDS, check_mask
+from ..mace_core.concepts import TEMPLATES, parse_concepts
+from ..mace_core.errors import MaceInputError
+from ..mace_core.lora_bundle import ConceptLoRA, LoRABundle
+from ..mace_core.text import check_concepts
+from ..mace_core.train import TrainConfig, init_lora, train_concepts
+from . import attention, host
+from .refine import concept_inputs
+
+log = logging.getLogger("MACE")
+
+MaceLoras = io.Custom("MACE_LORAS")
+MASK_SOURCES = ("auto", "given", "attention", "whole image")
+
+
+class MACETrainConceptLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MACETrainConceptLoRA",
+            display_name="MACE Train Concept LoRA",
+            category="MACE",
+            description="MACE stage 2: for each concept, trains a small LoRA on the cross-attention key/value "
+                        "projections so that the concept's words (and the end/padding tokens that summarise the "
+                        "prompt) stop being attended to where the concept appears in its images. Images are made "
+                        "with the incoming model unless latents are given; masks come from the model's own "
+                        "attention unless a mask is given. Connect the refined model from MACE Refine "
+                        "Cross-Attention. The input model is not changed.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to train on, usually the output of MACE Refine "
+                                                "Cross-Attention; training starts from its current weights."),
+                io.Clip.Input("clip", tooltip="The text encoder loaded with this model."),
+                *concept_inputs(),
+                io.Int.Input("steps", default=50, min=1, max=10000,
+                             tooltip="Training steps per concept (the paper: 50; 120 for explicit content)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                               tooltip="AdamW learning rate (the paper: 1e-4 for celebrities and styles, 1e-5 for "
+                                       "objects and explicit content)."),
+                io.Int.Input("rank", default=1, min=1, max=64,
+                             tooltip="Rank of each concept's LoRA on every to_k/to_v matrix (the paper: 1)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed for the generated images, LoRA initialisation, and the image, prompt, "
+                                     "timestep and noise of every step. The same seed gives the same LoRAs."),
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_KINDS), default="importance",
+                               tooltip="importance: timesteps mostly in 200..400 of 1000, where the layout is "
+                                       "decided (the paper's choice); uniform: any timestep alike."),
+                io.Int.Input("images_per_concept", default=8, min=1, max=256,
+                             tooltip="How many training images to generate per concept when no latents are "
+                                     "given. Ignored when latents are connected."),
+                io.Combo.Input("mask_source", options=list(MASK_SOURCES), default="auto",
+                               tooltip="Where the loss applies in each image. auto: the given mask if connected, "
+                                       "else the whole image for styles and the model's own attention to the "
+                                       "concept's words for other types. given: the connected mask. attention: "
+                                       "derived from cross-attention. whole image: every pixel."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Training images as latents: a block of K images per concept, in the order "
+                                        "the concepts are listed (K = batch size / number of concepts). Images "
+                                        "made by the original model (before refinement) show the concept best."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Where each latent image shows its concept (1 inside), in the latents' "
+                                      "order; one mask per image, or one for all."),
+                io.Int.Input("image_size", default=0, min=0, max=2048, step=64, optional=True,
+                             tooltip="Side in pixels of the generated training images; 0 picks the model's usual "
+                                     "size (512 for SD1.x/SD2.x, 1024 for SDXL). Smaller is faster."),
+            ],
+            outputs=[
+                MaceLoras.Output("loras", display_name="loras",
+                                 tooltip="One LoRA per concept (for MACE fusion or saving)."),
+                io.Model.Output("model_out", display_name="model",
+                                tooltip="Preview: the input model with every concept's LoRA simply added. Fuse "
+                                        "the LoRAs for many concepts instead of using this."),
+                io.Image.Output("loss_curve", display_name="loss_curve",
+                                tooltip="Training loss per step for every concept."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed,
+                timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0):
+        bundle, model_out, curves = train_concept_loras(
+            model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed, timestep_sampling,
+            images_per_concept, mask_source, latents, mask, image_size or 0)
+        return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
+
+
+@dataclass
+class _ConceptData:
+    prompts: list
+    latents: torch.Tensor  # LATENT samples (K, c, H, W)
+    masks: torch.Tensor  # (K, h, w) in [0, 1], any resolution with the latents' aspect
+    mask_source: str
+
+
+def mask_mode(source: str, family: str, has_mask: bool) -> str:
+    if source == "auto":
+        return "given" if has_mask else ("whole image" if family == "style" else "attention")
+    return source
+
+
+def _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept, mask_source, latents,
+                  mask, image_size, model):
+    TrainConfig(steps, learning_rate).check()
+    if rank < 1:
+        raise MaceInputError("rank", f"must be at least 1, got {rank}.")
+    if timestep_sampling not in TIMESTEP_KINDS:
+        raise MaceInputError("timestep_sampling", f"unknown value '{timestep_sampling}'.",
+                             f"Use one of: {', '.join(TIMESTEP_KINDS)}.")
+    if mask_source not in MASK_SOURCES:
+        raise MaceInputError("mask_source", f"unknown value '{mask_source}'.",
+                             f"Use one of: {', '.join(MASK_SOURCES)}.")
+    samples = None
+    if latents is not None:
+        samples = latents.get("samples") if isinstance(latents, dict) else None
+        if samples is None or samples.ndim != 4:
+            raise MaceInputError("latents", "expected an image LATENT (batch, channels, height, width).")
+        channels = model.model.latent_format.latent_channels
+        if samples.shape[1] != channels:
+            raise MaceInputError("latents", f"have {samples.shape[1]} channels; this model's latents have {channels}.",
+                                 "Encode the images with this model's VAE.")
+        if samples.shape[0] % len(items):
+            raise MaceInputError("latents", f"hold {samples.shape[0]} images, not a multiple of the {len(items)} "
+                                            "concepts.", "Give the same number of images for every concept, in the "
+                                                         "order the concepts are listed.")
+    elif images_per_concept < 1:
+        raise MaceInputError("images_per_concept", f"must be at least 1, got {images_per_concept}.")
+    if image_size and image_size < 64:
+        raise MaceInputError("image_size", f"must be 0 (automatic) or at least 64, got {image_size}.")
+    if mask is not None:
+        if samples is None:
+            raise MaceInputError("mask", "a mask needs the latents it was made for.",
+                                 "Connect the latents too, or disconnect the mask.")
+        mask = check_mask(mask, samples.shape[0], tuple(samples.shape[-2:]))
+    if mask_source == "given" and mask is None:
+        raise MaceInputError("mask", "mask_source is 'given' but no mask is connected.",
+                             "Connect a mask, or choose another mask_source.")
+    return samples, mask
+
+
+def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
+                  progress) -> list[_ConceptData]:
+    k = samples.shape[0] // len(items) if samples is not None else images_per_concept
+    size = image_size or attention.default_image_size(model)
+    out = []
+    for i, c in enumerate(items):
+        prompts = attention.concept_prompts(clip, c, TEMPLATES[c.family], enc.end_id)
+        if samples is not None:
+            lat = samples[i * k:(i + 1) * k]
+        else:
+            lat = attention.generate_latents(model, clip, attention.data_template(c).format(c.name), k, size,
+                                             seed + i)
+        mode = mask_mode(mask_source, c.family, mask is not None)
+        if mask is not None and mode != "given" and i == 0:
+            log.info("MACE train: mask_source '%s' ignores the connected mask", mask_source)
+        if mode == "given":
+            m = mask[i * k:(i + 1) * k]
+        elif mode == "whole image":
+            m = torch.ones((k,) + tuple(lat.shape[-2:]))
+        else:
+            data_prompt = attention.concept_prompts(clip, c, [attention.data_template(c)], enc.end_id)[0]
+            m = attention.derive_masks(model, data_prompt, lat, seed=seed + i)
+        log.info("MACE train: '%s': %d images, mask %s (%.0f%% of pixels)", c.name, k, mode,
+                 100 * float(m.float().mean()))
+        out.append(_ConceptData(prompts, lat, m, mode))
+        progress()
+    return out
+
+
+def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50, learning_rate=1e-4, rank=1,
+                        seed=0, timestep_sampling="importance", images_per_concept=8, mask_source="auto",
+                        latents=None, mask=None, image_size=0):
+    """Validate everything, make or take the data, train one LoRA per concept on a private clone, then build the
+    bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Nothing is applied on failure or
+    cancel: the trained tensors live only in this call until it returns."""
+    items = parse_concepts(concepts, concept_type, anchor)
+    samples, mask = _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept,
+                                  mask_source, latents, mask, image_size, model)
+    keys = host.cross_attention_keys(model, clip)
+    enc = host.clip_encoder(clip)
+    check_concepts(items, enc)
+    cfg = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed)
+    progress = host.Progress(len(items) * (steps + 1))
+    t0 = time.perf_counter()
+    data = _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
+                         progress)
+    t_data = time.perf_counter() - t0
+    shapes = {k: tuple(w.shape) for k, w in host.original_weights(model, keys).items()}
+
+    # the executor runs nodes under inference_mode; training needs autograd on a private clone
+    with torch.inference_mode(False), torch.enable_grad():
+        tm = attention.TrainableModel(model, keys)
+        try:
+            tm.load()
+
+            def make_task(i, gen):
+                up, down = init_lora(shapes, rank, gen, device=tm.device)
+                d = data[i]
+                return attention.ConceptTask(tm, d.prompts, d.latents, d.masks, up, down, timestep_sampling)
+
+            results = train_concepts(len(items), make_task, cfg, progress)
+        finally:
+            tm.release()
+        loras = []
+        for c, d, (task, losses) in zip(items, data, results):
+            up = {k: v.detach().float().cpu() for k, v in task.up.items()}
+            down = {k: v.detach().float().cpu() for k, v in task.down.items()}
+            loras.append(ConceptLoRA(c.name, c.anchor, c.family, next(iter(down.values())).shape[0], steps, up, down,
+                                     meta={"losses": losses, "learning_rate": learning_rate, "seed": seed,
+                                           "timestep_sampling": timestep_sampling, "mask_source": d.mask_source,
+                                           "images": int(d.latents.shape[0])}))
+    bundle = LoRABundle(loras, base=host.model_fingerprint(model), meta={"stage": "train"})
+    model_out = host.with_deltas(model, {k: bundle.summed_delta(k) for k in keys})
+    t_all = time.perf_counter() - t0
+    log.info("MACE train: %d concepts x %d steps in %.1fs (data %.1fs, %.2fs per concept of training)",
+             len(items), steps, t_all, t_data, (t_all - t_data) / len(items))
+    return bundle, model_out, {lora.concept: lora.meta["losses"] for lora in loras}
+
+
+# ---------------------------------------------------------------- loss plot
+
+_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def render_loss_curve(curves: dict[str, list[float]], width: int = 640, height: int = 360) -> torch.Tensor:
+    """Loss per step per concept as an IMAGE (1, H, W, 3) in [0, 1]; each curve is drawn relative to the shared
+    y range, the legend names the concepts with their first and last loss."""
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    left, right, top, bottom = 56, width - 12, 14, height - 36
+    values = [v for c in curves.values() for v in c]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    lo = min(lo, 0.0)
+    hi = hi if hi > lo else lo + 1.0
+    n = max((len(c) for c in curves.values()), default=1)
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    for f in (0.0, 0.5, 1.0):
+        y = bottom - f * (bottom - top)
+        draw.line([left - 4, y, left, y], fill=(0, 0, 0))
+        draw.text((4, y - 6), f"{lo + f * (hi - lo):.3g}", fill=(0, 0, 0), font=font)
+    draw.text((left, bottom + 6), "1", fill=(0, 0, 0), font=font)
+    draw.text((right - 24, bottom + 6), str(n), fill=(0, 0, 0), font=font)
+    draw.text(((left + right) // 2 - 40, bottom + 18), "step (loss per concept)", fill=(0, 0, 0), font=font)
+
+    def xy(i, v):
+        x = left + (i / max(1, n - 1)) * (right - left)
+        return x, bottom - (v - lo) / (hi - lo) * (bottom - top)
+
+    for ci, (name, losses) in enumerate(curves.items()):
+        color = _COLORS[ci % len(_COLORS)]
+        pts = [xy(i, v) for i, v in enumerate(losses)]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        elif pts:
+            draw.ellipse([pts[0][0] - 2, pts[0][1] - 2, pts[0][0] + 2, pts[0][1] + 2], fill=color)
+        if ci < 12 and losses:
+            label = f"{name[:28]}: {losses[0]:.3g} -> {losses[-1]:.3g}"
+            draw.text((right - 230, top + 4 + 12 * ci), label, fill=color, font=font)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+NODES = [MACETrainConceptLoRA]

@@ -1,0 +1,264 @@
+"""The Train Concept LoRA node inside a real ComfyUI, on tiny real models (CPU, 8x8 latents)."""
+
+import copy
+import logging
+import sys
+
+import comfy_host  # noqa: F401  (conftest boots the host)
+import pytest
+import torch
+
+NODE = "MACETrainConceptLoRA"
+log = logging.getLogger("MACE.test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # two shared cores: OpenMP threads of several processes spin against each other (a 1000x slowdown of tiny ops)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def unloaded():
+    """Each test starts and ends with no model loaded, so the shared tiny modules hold their original weights (a
+    loaded patched clone, e.g. a preview model being measured, patches them in place until unloaded)."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    yield
+    mm.unload_all_models()
+
+
+@pytest.fixture(scope="module")
+def mods(pack_module):
+    name = pack_module.__name__
+
+    class M:
+        train = sys.modules[name + ".nodes.train"]
+        att = sys.modules[name + ".nodes.attention"]
+        host = sys.modules[name + ".nodes.host"]
+        concepts = sys.modules[name + ".mace_core.concepts"]
+        errors = sys.modules[name + ".mace_core.errors"]
+        bundle = sys.modules[name + ".mace_core.lora_bundle"]
+    return M
+
+
+def snapshot(patcher):
+    return {k: v.detach().clone() for k, v in patcher.model_state_dict().items()}
+
+
+def assert_untouched(patcher, before, options_before, patches_before):
+    after = patcher.model_state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert patcher.model_options == options_before, "no patch leaked into the input model's options"
+    assert {k: len(v) for k, v in patcher.patches.items()} == patches_before
+    assert not patcher.weight_wrapper_patches
+    for m in patcher.model.diffusion_model.modules():
+        assert not m.__dict__.get("weight_function") and not m.__dict__.get("bias_function"), "wrappers left behind"
+
+
+def state(patcher):
+    return snapshot(patcher), copy.deepcopy(patcher.model_options), {k: len(v) for k, v in patcher.patches.items()}
+
+
+def lora_tensors(bundle):
+    return {(lora.concept, k, part): t for lora in bundle.loras for part, d in (("up", lora.up), ("down", lora.down))
+            for k, t in d.items()}
+
+
+def test_schema(pack):
+    cls = pack[NODE]
+    s = cls.define_schema()
+    assert s.display_name == "MACE Train Concept LoRA" and s.category == "MACE" and s.description
+    names = [i.id for i in s.inputs]
+    assert names == ["model", "clip", "concepts", "concept_type", "anchor", "steps", "learning_rate", "rank", "seed",
+                     "timestep_sampling", "images_per_concept", "mask_source", "latents", "mask", "image_size"]
+    assert all(i.tooltip for i in s.inputs)
+    assert [i.optional for i in s.inputs][-3:] == [True, True, True]
+    defaults = {i.id: getattr(i, "default", None) for i in s.inputs}
+    assert (defaults["steps"], defaults["learning_rate"], defaults["rank"], defaults["images_per_concept"]) == \
+        (50, 1e-4, 1, 8)
+    assert [o.display_name for o in s.outputs] == ["loras", "model", "loss_curve"]
+    assert s.outputs[0].io_type == "MACE_LORAS"
+
+
+def _data(mods, model, clip, concept, count=2, seed=0):
+    att = mods.att
+    lat = att.generate_latents(model, clip, att.data_template(concept).format(concept.name), count, 64, seed=seed)
+    end_id = mods.host.clip_encoder(clip).end_id
+    prompt = att.concept_prompts(clip, concept, [att.data_template(concept)], end_id)[0]
+    return lat, att.derive_masks(model, prompt, lat, seed=seed)
+
+
+def _mass(mods, model, prompts, lat, mask, timesteps):
+    att = mods.att
+    vals = [att.concept_attention_mass(model, att.Prompt(p.text, p.ids, p.cond, p.pooled, p.words, p.words),
+                                       lat, mask, timesteps, seed=123) for p in prompts]
+    return sum(vals) / len(vals)
+
+
+def test_training_halves_concept_attention_inside_the_mask(mods, tiny):
+    model, clip = tiny
+    before = state(model)
+    att = mods.att
+    concept = mods.concepts.parse_concepts("Claude Monet", "celebrity")[0]
+    end_id = mods.host.clip_encoder(clip).end_id
+    with torch.inference_mode():
+        lat, mask = _data(mods, model, clip, concept)
+        assert lat.shape == (2, 4, 8, 8) and mask.shape == (2, 8, 8)
+        assert 0.1 < float(mask.mean()) < 0.9, "attention-derived mask picks a region, not all or nothing"
+        # prompts and timesteps the training never draws (not in the templates; off the sampled grid by noise seed)
+        held_out = att.concept_prompts(clip, concept, ["a watercolor portrait of {}", "{} standing in a garden"],
+                                       end_id)
+        unrelated_c = mods.concepts.parse_concepts("a red car", "object")[0]
+        unrelated = att.concept_prompts(clip, unrelated_c, ["a photo of {}", "{} parked in the street"], end_id)
+        timesteps = (150, 250, 350, 450, 650)
+        whole = torch.ones_like(mask)
+        m0, u0 = _mass(mods, model, held_out, lat, mask, timesteps), _mass(mods, model, unrelated, lat, whole,
+                                                                            timesteps)
+        bundle, out, curves = mods.train.train_concept_loras(
+            model, clip, "Claude Monet", "celebrity", steps=30, learning_rate=5e-2, seed=0,
+            latents={"samples": lat}, mask=mask, mask_source="given")
+        assert_untouched(model, *before)  # before measuring `out`, which patches the shared module while loaded
+        m1, u1 = _mass(mods, out, held_out, lat, mask, timesteps), _mass(mods, out, unrelated, lat, whole, timesteps)
+    log.info("held-out concept attention mass in mask: %.4f -> %.4f (x%.2f); unrelated prompt words: %.4f -> %.4f "
+             "(%+.0f%%)", m0, m1, m1 / m0, u0, u1, 100 * (u1 / u0 - 1))
+    print(f"\nconcept mass {m0:.4f} -> {m1:.4f} (x{m1 / m0:.2f}); unrelated {u0:.4f} -> {u1:.4f} "
+          f"({100 * (u1 / u0 - 1):+.0f}%)")
+    assert m1 <= 0.5 * m0
+    losses = curves["Claude Monet"]
+    assert len(losses) == 30 and losses[-1] < losses[0]
+    keys = mods.host.cross_attention_keys(model)
+    assert len(keys) == 14 and sorted(out.patches) == keys
+    lora = bundle.loras[0]
+    assert (lora.concept, lora.anchor, lora.family, lora.rank, lora.steps) == \
+        ("Claude Monet", "a person", "celebrity", 1, 30)
+    assert lora.keys == keys and lora.meta["mask_source"] == "given"
+    assert bundle.base == mods.host.model_fingerprint(model)
+
+
+def test_node_under_inference_mode_is_seeded_and_leaves_model_alone(pack, mods, tiny):
+    model, clip = tiny
+    before = state(model)
+    node = pack[NODE]
+    args = dict(model=model, clip=clip, concepts="Claude Monet\nVincent van Gogh", concept_type="style", anchor="",
+                steps=2, learning_rate=1e-2, rank=2, seed=5, timestep_sampling="importance", images_per_concept=2,
+                mask_source="attention", image_size=64)
+    with torch.inference_mode():  # as the executor runs it
+        runs = [node.execute(**args).result for _ in range(2)]
+        other = node.execute(**{**args, "seed": 6}).result
+    (b1, m1, img), (b2, _, _) = runs
+    assert isinstance(b1, mods.bundle.LoRABundle) and b1.concepts == ["Claude Monet", "Vincent van Gogh"]
+    t1, t2, t3 = lora_tensors(b1), lora_tensors(b2), lora_tensors(other[0])
+    assert t1.keys() == t2.keys() and all(torch.equal(t1[k], t2[k]) for k in t1), "same seed, same LoRA"
+    assert any(not torch.equal(t1[k], t3[k]) for k in t1), "another seed, another LoRA"
+    assert all(lora.rank == 2 and lora.up[lora.keys[0]].shape[1] == 2 for lora in b1.loras)
+    assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and 0 <= float(img.min()) <= float(img.max()) <= 1
+    assert sorted(m1.patches) == mods.host.cross_attention_keys(model)
+    assert_untouched(model, *before)
+
+
+def test_training_starts_from_current_weights(mods, tiny):
+    """The training clone computes with the incoming MODEL's patches (e.g. the refined model's), not the originals."""
+    model, clip = tiny
+    att, host = mods.att, mods.host
+    keys = host.cross_attention_keys(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        deltas = {k: torch.randn(host.original_weights(model, [k])[k].shape, generator=g) for k in keys}
+        refined = host.with_deltas(model, deltas)
+        before, before_r = state(model), state(refined)
+        concept = mods.concepts.parse_concepts("Claude Monet", "celebrity")[0]
+        prompt = att.concept_prompts(clip, concept, ["a photo of {}"], host.clip_encoder(clip).end_id)[0]
+        x0 = torch.randn(1, 4, 8, 8, generator=g)
+        noise = torch.randn(1, 4, 8, 8, generator=g)
+        t = torch.tensor([300])
+
+        def out(patcher):
+            probe = att.AttentionProbe()
+            clone = att.probed_clone(patcher, probe)
+            att.mm.load_models_gpu([clone])
+            return att.denoise_forward(clone, x0, noise, t, att.model_conds(clone, prompt, x0.shape, "cpu"))
+
+        ref, plain = out(refined), out(model)
+    with torch.inference_mode(False), torch.enable_grad():
+        tm = att.TrainableModel(refined, keys)
+        try:
+            tm.load()
+            got = att.denoise_forward(tm.patcher, x0.clone(), noise.clone(), t.clone(),
+                                      {k: v.clone() for k, v in att.model_conds(tm.patcher, prompt, x0.shape,
+                                                                                 "cpu").items()})
+        finally:
+            tm.release()
+    assert not torch.allclose(ref, plain, atol=1e-4), "the patches matter"
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-4)
+    assert_untouched(model, *before)
+    assert_untouched(refined, *before_r)
+
+
+def test_half_precision_model_trains_in_fp32_and_stays_unchanged(mods):
+    with torch.inference_mode():
+        model, clip = comfy_host.tiny_model(dtype=torch.float16), comfy_host.tiny_clip()
+        before = state(model)
+        bundle, _, curves = mods.train.train_concept_loras(
+            model, clip, "Claude Monet", "celebrity", steps=3, learning_rate=1e-2,
+            latents={"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))},
+            mask_source="whole image")
+    losses = curves["Claude Monet"]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] != losses[0]
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora_tensors(bundle).values())
+    assert model.model.manual_cast_dtype is None, "the compute-dtype object patch was undone"
+    assert_untouched(model, *before)
+
+
+def test_cancel_mid_run_raises_comfy_interrupt_and_changes_nothing(mods, tiny, monkeypatch):
+    import comfy.model_management as mm
+
+    model, clip = tiny
+    before = state(model)
+    real = mm.throw_exception_if_processing_interrupted
+    calls = []
+
+    def fire_on_fifth():
+        calls.append(1)
+        if len(calls) == 5:
+            mm.interrupt_current_processing(True)
+        real()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", fire_on_fifth)
+    lat = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            mods.train.train_concept_loras(model, clip, "Claude Monet", "celebrity", steps=20, learning_rate=1e-2,
+                                           latents=lat, mask_source="whole image")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert 5 <= len(calls) < 20, "stopped mid-training"
+    assert not any(lm.model.weight_wrapper_patches for lm in mm.current_loaded_models), "training clone unloaded"
+    assert_untouched(model, *before)
+
+
+@pytest.mark.parametrize("kwargs,input_name", [
+    (dict(latents={"samples": torch.zeros(3, 4, 8, 8)}), "latents"),
+    (dict(latents={"samples": torch.zeros(4, 3, 8, 8)}), "latents"),
+    (dict(latents={"samples": torch.zeros(4, 4, 8, 8)}, mask=torch.ones(3, 8, 8)), "mask"),
+    (dict(latents={"samples": torch.zeros(4, 4, 8, 8)}, mask=torch.ones(4, 8, 16)), "mask"),
+    (dict(mask=torch.ones(4, 8, 8)), "mask"),
+    (dict(mask_source="given"), "mask"),
+    (dict(steps=0), "steps"),
+    (dict(images_per_concept=0), "images_per_concept"),
+    (dict(timestep_sampling="cosine"), "timestep_sampling"),
+    (dict(concepts=""), "concepts"),
+])
+def test_bad_input_names_the_input(mods, tiny, kwargs, input_name):
+    model, clip = tiny
+    args = dict(concepts="Claude Monet\nVincent van Gogh", concept_type="celebrity", steps=2)
+    args.update(kwargs)
+    with torch.inference_mode(), pytest.raises(mods.errors.MaceInputError) as e:
+        mods.train.train_concept_loras(model, clip, **args)
+    assert e.value.input_name == input_name and f"'{input_name}'" in str(e.value)
