@@ -1,0 +1,117 @@
+"""MACE Save Erasure: the erased model's change to its cross-attention as one LoRA file any ComfyUI can load."""
+
+import logging
+import os
+
+from comfy_api.latest import io, ui
+
+from ..mace_core import lora_files
+from ..mace_core.concepts import Concept
+from ..mace_core.errors import MaceInputError
+from . import host
+from .fuse import erased_concepts
+from .loras import MaceLoras, inside, loras_root
+
+log = logging.getLogger("MACE")
+
+MODES = ["full", "low rank"]
+
+
+class MACESaveErasure(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MACESaveErasure",
+            display_name="MACE Save Erasure",
+            category="MACE",
+            description="Saves what the MACE nodes changed (erased model minus the checkpoint's weights, on every "
+                        "cross-attention key/value projection) to models/loras/<filename_prefix>.safetensors. The "
+                        "stock Load LoRA node at strength 1 on the same checkpoint reproduces the erased model. The "
+                        "erased concepts, their anchors and the base model's fingerprint are recorded in the file.",
+            inputs=[
+                io.Model.Input("model", tooltip="The erased model (after MACE Refine and/or MACE Fuse LoRAs)."),
+                io.String.Input("filename_prefix", default="mace/erasure",
+                                tooltip="File name under models/loras, without extension; may contain subfolders. "
+                                        "An existing file of that name is replaced."),
+                io.Combo.Input("mode", options=MODES, default="full",
+                               tooltip="'full' stores each weight difference exactly (.diff keys, about 46 MB for "
+                                       "SD1.5 in fp16); 'low rank' stores an SVD truncation as lora_up/lora_down "
+                                       "(smaller, approximate; the error is logged and recorded in the file)."),
+                io.Int.Input("rank", default=64, min=1, max=1024,
+                             tooltip="Rank per matrix in 'low rank' mode (ignored for 'full')."),
+                MaceLoras.Input("loras", optional=True,
+                                tooltip="Optional: the LoRA bundle, to record its concepts and anchors in the file. "
+                                        "Concepts fused with MACE Fuse LoRAs are recorded without it."),
+                io.String.Input("concepts", multiline=True, default="", optional=True,
+                                tooltip="Optional: further erased concepts to record (e.g. refined only), one per line "
+                                        "as 'concept' or 'concept => anchor'."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, filename_prefix, mode, rank, loras=None, concepts=""):
+        path, err = save_erasure(model, filename_prefix, mode, rank, loras, concepts)
+        text = os.path.relpath(path, loras_root())
+        if mode == "low rank":
+            text += f" (rank {rank}, relative error {err:.2%})"
+        return io.NodeOutput(ui=ui.PreviewText(text))
+
+
+def _concepts(model, bundle, text) -> list[Concept]:
+    found = {}
+    records = erased_concepts(model) + [{"concept": lora.concept, "anchor": lora.anchor, "family": lora.family}
+                                        for lora in getattr(bundle, "loras", None) or []]
+    for line in (text or "").splitlines():
+        name, _, anchor = line.partition("=>")
+        name = " ".join(name.split())
+        if name and not name.startswith("#"):
+            records.append({"concept": name, "anchor": " ".join(anchor.split()), "family": ""})
+    for r in records:
+        found.setdefault(r["concept"].lower(), Concept(r["concept"], r["anchor"], r["family"]))
+    return list(found.values())
+
+
+def erasure_deltas(model) -> dict:
+    """Current minus original weights on the cross-attention keys that changed (float32, compute device)."""
+    keys = host.cross_attention_keys(model)
+    device = host.compute_device()
+    current = host.current_weights(model, keys, device)
+    original = host.original_weights(model, keys)
+    deltas = {}
+    for k in keys:
+        d = current[k] - original[k].to(device, current[k].dtype)
+        if bool(d.any()):
+            deltas[k] = d
+    if not deltas:
+        raise MaceInputError("model", "this model's cross-attention is the checkpoint's own: there is no erasure to "
+                                      "save.", "Connect the output of MACE Refine Cross-Attention or MACE Fuse LoRAs.")
+    return deltas
+
+
+def save_erasure(model, filename_prefix="mace/erasure", mode="full", rank=64, bundle=None, concepts=""):
+    if mode not in MODES:
+        raise MaceInputError("mode", f"unknown mode '{mode}'.", f"Use one of: {', '.join(MODES)}.")
+    prefix = (filename_prefix or "").strip() or "mace/erasure"
+    path = inside(loras_root(), prefix + ".safetensors", "filename_prefix")
+    deltas = erasure_deltas(model)
+    keys = host.cross_attention_keys(model)
+    dtype = host.original_weights(model, keys)[keys[0]].dtype  # a fp16 checkpoint gets fp16 differences
+    progress = host.Progress(len(deltas) + 1)
+    tensors, err = lora_files.erasure_tensors(deltas, mode, rank, dtype, progress)
+    meta = lora_files.erasure_metadata(_concepts(model, bundle, concepts), host.model_fingerprint(model), mode, rank,
+                                       err)
+    if os.path.exists(path):
+        log.warning("MACE: replacing %s", path)
+    lora_files.write(path, tensors, meta)
+    progress()
+    if mode == "low rank":
+        log.info("MACE: saved erasure to %s (%d matrices, rank %d, relative Frobenius error %.4f)", path, len(deltas),
+                 rank, err)
+    else:
+        log.info("MACE: saved erasure to %s (%d matrices, full differences)", path, len(deltas))
+    return path, err
+
+
+NODES = [MACESaveErasure]
