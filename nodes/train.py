@@ -73,6 +73,10 @@ class MACETrainConceptLoRA(io.ComfyNode):
                 io.Int.Input("image_size", default=0, min=0, max=2048, step=64, optional=True,
                              tooltip="Side in pixels of the generated training images; 0 picks the model's usual "
                                      "size (512 for SD1.x/SD2.x, 1024 for SDXL). Smaller is faster."),
+                io.Model.Input("image_model", optional=True,
+                               tooltip="The model that makes the training images and attention masks when no "
+                                       "latents are connected; connect the original checkpoint (it still draws the "
+                                       "concepts). Default: the model being trained."),
             ],
             outputs=[
                 MaceLoras.Output("loras", display_name="loras",
@@ -87,10 +91,11 @@ class MACETrainConceptLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed,
-                timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0):
+                timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0,
+                image_model=None):
         bundle, model_out, curves = train_concept_loras(
             model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed, timestep_sampling,
-            images_per_concept, mask_source, latents, mask, image_size or 0)
+            images_per_concept, mask_source, latents, mask, image_size or 0, image_model)
         return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
 
 
@@ -148,7 +153,10 @@ def _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_p
 
 
 def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
-                  progress) -> list[_ConceptData]:
+                  progress, image_model=None) -> list[_ConceptData]:
+    # Images and attention masks of the concept come from the model that still draws it (MACE makes its data with
+    # the original model, then trains on the refined one).
+    source = image_model if image_model is not None else model
     k = samples.shape[0] // len(items) if samples is not None else images_per_concept
     size = image_size or attention.default_image_size(model)
     out = []
@@ -157,7 +165,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
         if samples is not None:
             lat = samples[i * k:(i + 1) * k]
         else:
-            lat = attention.generate_latents(model, clip, attention.data_template(c).format(c.name), k, size,
+            lat = attention.generate_latents(source, clip, attention.data_template(c).format(c.name), k, size,
                                              seed + i)
         mode = mask_mode(mask_source, c.family, mask is not None)
         if mask is not None and mode != "given" and i == 0:
@@ -168,7 +176,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
             m = torch.ones((k,) + tuple(lat.shape[-2:]))
         else:
             data_prompt = attention.concept_prompts(clip, c, [attention.data_template(c)], enc.end_id)[0]
-            m = attention.derive_masks(model, data_prompt, lat, seed=seed + i)
+            m = attention.derive_masks(source, data_prompt, lat, seed=seed + i)
         log.info("MACE train: '%s': %d images, mask %s (%.0f%% of pixels)", c.name, k, mode,
                  100 * float(m.float().mean()))
         out.append(_ConceptData(prompts, lat, m, mode))
@@ -178,7 +186,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
 
 def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50, learning_rate=1e-4, rank=1,
                         seed=0, timestep_sampling="importance", images_per_concept=8, mask_source="auto",
-                        latents=None, mask=None, image_size=0):
+                        latents=None, mask=None, image_size=0, image_model=None):
     """Validate everything, make or take the data, train one LoRA per concept on a private clone, then build the
     bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Nothing is applied on failure or
     cancel: the trained tensors live only in this call until it returns."""
@@ -191,8 +199,10 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50
     cfg = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed)
     progress = host.Progress(len(items) * (steps + 1))
     t0 = time.perf_counter()
+    if image_model is not None:
+        host.cross_attention_keys(image_model, clip)
     data = _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
-                         progress)
+                         progress, image_model)
     t_data = time.perf_counter() - t0
     shapes = {k: tuple(w.shape) for k, w in host.original_weights(model, keys).items()}
 

@@ -42,4 +42,63 @@ def refine_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style
     return g
 
 
-WORKFLOWS = {"refine_cross_attention": refine_graph}
+
+def train_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style", prompt=None, seed=42, size=512,
+                steps=20, train_steps=50, learning_rate=1e-4, image_size=0) -> Graph:
+    """Refine, train one LoRA per concept, compare before/after, save the LoRAs."""
+    g = Graph()
+    model, clip, vae = _loader(g, ckpt)
+    refined = g.add("MACERefineCrossAttention", model=model, clip=clip, concepts=concepts, concept_type=concept_type,
+                    anchor="", preserve="", preservation_strength=1.0, lambda_=0.01)
+    train = g.add("MACETrainConceptLoRA", model=refined[0], clip=clip, concepts=concepts, concept_type=concept_type,
+                  anchor="", steps=train_steps, learning_rate=learning_rate, rank=1, seed=seed,
+                  timestep_sampling="importance", images_per_concept=8, mask_source="auto",
+                  image_size=image_size, image_model=model)
+    g.add("PreviewImage", title="Loss curve", images=train[2])
+    _before_after(g, clip, vae, model, train[1], prompt or _prompt(concepts, concept_type), seed, size, steps,
+                  "mace_train")
+    g.add("MACESaveLoRAs", loras=train[0], filename_prefix="mace")
+    return g
+
+
+def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style", preserve="", prompt=None, seed=42,
+                size=512, steps=20, train_steps=50, learning_rate=1e-4, image_size=0, prefix="mace_erasure",
+                world_seed=0) -> Graph:
+    """The whole MACE pipeline: refine, one LoRA per concept, closed-form fusion, before/after, save the erasure."""
+    g = Graph()
+    model, clip, vae = _loader(g, ckpt, world_seed)
+    refined = g.add("MACERefineCrossAttention", model=model, clip=clip, concepts=concepts, concept_type=concept_type,
+                    anchor="", preserve=preserve, preservation_strength=1.0, lambda_=0.01)
+    train = g.add("MACETrainConceptLoRA", model=refined[0], clip=clip, concepts=concepts, concept_type=concept_type,
+                  anchor="", steps=train_steps, learning_rate=learning_rate, rank=1, seed=seed,
+                  timestep_sampling="importance", images_per_concept=8, mask_source="auto",
+                  image_size=image_size, image_model=model)
+    fused = g.add("MACEFuseLoRAs", model=refined[0], clip=clip, loras=train[0], preserve=preserve,
+                  preservation_strength=1.0, lambda_=0.01)
+    _before_after(g, clip, vae, model, fused[0], prompt or _prompt(concepts, concept_type), seed, size, steps,
+                  prefix)
+    g.add("MACESaveErasure", model=fused[0], filename_prefix=prefix, mode="full", rank=64, loras=train[0])
+    return g
+
+
+def _prompt(concepts: str, concept_type: str) -> str:
+    name = first_concept(concepts)
+    return {"style": f"a painting in the style of {name}", "celebrity": f"a photo of {name}",
+            "object": f"a photo of {name}", "explicit": name}[concept_type]
+
+
+# The concept world (MACEConceptWorld): 64x64 images, a model that really learned its concepts; what mace-erase
+# uses when no checkpoint is given.
+WORLD_DEFAULT = {"concepts": "Alba Moreno", "concept_type": "celebrity", "preserve": "", "size": 64,
+                 "sample_steps": 20, "steps": 50, "learning_rate": 1e-4}
+
+
+def world_graph() -> Graph:
+    w = WORLD_DEFAULT
+    return erase_graph(ckpt=None, concepts=w["concepts"], concept_type=w["concept_type"], preserve=w["preserve"],
+                       size=w["size"], steps=w["sample_steps"], train_steps=w["steps"],
+                       learning_rate=w["learning_rate"], image_size=w["size"], prefix="mace_world_erasure")
+
+
+WORKFLOWS = {"refine_cross_attention": refine_graph, "train_concept_lora": train_graph, "mace_erase": erase_graph,
+             "concept_world_erase": world_graph}

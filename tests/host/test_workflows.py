@@ -84,15 +84,24 @@ def server(server_base):
         yield s
 
 
+def shipped_at_test_size(name: str, checkpoint: Path) -> dict:
+    """The shipped API graph, on the generated checkpoint, with sizes and step counts a CPU runs in a minute."""
+    api = json.loads((WF / "api" / f"{name}.json").read_text())
+    for node in api.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = checkpoint.name
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        elif kind == "KSampler":
+            inputs["steps"] = 2
+        elif kind == "MACETrainConceptLoRA":
+            inputs.update(steps=3, images_per_concept=2, image_size=64)
+    return api
+
+
 def test_refine_api_workflow_runs_on_a_real_server(server, server_base, checkpoint):
-    api = json.loads((WF / "api" / "refine_cross_attention.json").read_text())
-    for node in api.values():  # the shipped graph at test size, on the generated checkpoint
-        if node["class_type"] == "CheckpointLoaderSimple":
-            node["inputs"]["ckpt_name"] = checkpoint.name
-        elif node["class_type"] == "EmptyLatentImage":
-            node["inputs"].update(width=64, height=64)
-        elif node["class_type"] == "KSampler":
-            node["inputs"]["steps"] = 2
+    api = shipped_at_test_size("refine_cross_attention", checkpoint)
     entry = server.run(api, timeout=600, show_progress=False)
     assert error_text(entry) is None, error_text(entry)
     saved = [img["filename"] for out in entry["outputs"].values() for img in out.get("images", [])]
@@ -113,3 +122,21 @@ def test_object_info_of_the_server_agrees_with_in_process(server, object_info):
     remote = server.get("/object_info")
     for name in ("MACERefineCrossAttention", "KSampler"):
         assert remote[name]["input_order"] == object_info[name].get("input_order", remote[name]["input_order"])
+
+
+def test_whole_pipeline_api_workflow_writes_images_and_erasure(server, server_base, checkpoint):
+    """Refine -> Train -> Fuse -> before/after -> Save Erasure, headless, as a shared API workflow runs."""
+    api = shipped_at_test_size("mace_erase", checkpoint)
+    entry = server.run(api, timeout=1200, show_progress=False)
+    assert error_text(entry) is None, error_text(entry)
+    images = [img["filename"] for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert len([i for i in images if "_before" in i]) == 1 and len([i for i in images if "_after" in i]) == 1
+    loras = list((server_base / "models" / "loras").rglob("mace_erasure*.safetensors"))
+    assert loras, "the erasure LoRA was written"
+    from safetensors import safe_open
+
+    with safe_open(str(loras[0]), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert keys and all(".attn2.to_" in k for k in keys)
+    assert "Claude Monet" in json.dumps(meta)

@@ -1,0 +1,116 @@
+"""mace-erase: the whole MACE pipeline, headless, through a real ComfyUI.
+
+    python scripts/mace_erase.py --concepts "Claude Monet" --concept-type style --checkpoint sd15.safetensors
+    python scripts/mace_erase.py            # the pack's concept world: erases one of its concepts
+
+Starts ComfyUI (COMFYUI_PATH, default ~/comfy/ComfyUI) on 127.0.0.1 with this pack, runs the mace_erase graph
+(Refine -> Train -> Fuse -> before/after samples -> Save Erasure), shows progress, copies the images and the erasure
+LoRA into --out, and stops the server.
+"""
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from comfy_server import ComfyServer, default_host, error_text  # noqa: E402
+from pipelines import WORLD_DEFAULT, erase_graph  # noqa: E402
+
+log = logging.getLogger("mace-erase")
+
+
+def link_pack(host: Path):
+    """ComfyUI loads custom nodes from its custom_nodes folder: make sure this checkout is there."""
+    link = host / "custom_nodes" / "comfyui-mace"
+    if link.resolve() != HERE.parent:
+        if link.is_symlink() or link.exists():
+            raise SystemExit(f"{link} exists and is not this checkout; remove it or run from that checkout.")
+        link.symlink_to(HERE.parent)
+
+
+def place_checkpoint(host: Path, path: str) -> str:
+    """CheckpointLoaderSimple reads names under models/checkpoints: link a file from elsewhere in."""
+    src = Path(path).expanduser().resolve()
+    if not src.is_file():
+        raise SystemExit(f"--checkpoint: no such file {src}")
+    if src.suffix != ".safetensors":
+        raise SystemExit("--checkpoint: only .safetensors checkpoints are read (no pickle files).")
+    ckpts = (host / "models" / "checkpoints").resolve()
+    if ckpts in src.parents:
+        return str(src.relative_to(ckpts))
+    dest = ckpts / "mace-cli" / src.name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink() or dest.exists():
+        dest.unlink()
+    dest.symlink_to(src)
+    return f"mace-cli/{src.name}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="mace-erase", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concepts", default=None,
+                    help="concepts to erase, separated by ';' or newlines (default: a concept of the concept world)")
+    ap.add_argument("--concept-type", default=None, choices=["object", "celebrity", "style", "explicit"])
+    ap.add_argument("--preserve", default="", help="concepts to keep, separated by ';'")
+    ap.add_argument("--checkpoint", default=None, help="an SD1.x/SD2.x/SDXL .safetensors checkpoint "
+                                                       "(default: the pack's concept world, trained on first use)")
+    ap.add_argument("--prompt", default=None, help="prompt to sample before and after (default: the first concept)")
+    ap.add_argument("--steps", type=int, default=None, help="LoRA training steps per concept")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="mace_out", help="folder for the before/after images and the erasure LoRA")
+    ap.add_argument("--name", default="mace_erasure", help="file name prefix of the erasure LoRA")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[mace-erase] %(message)s")
+
+    host = default_host()
+    link_pack(host)
+    world = args.checkpoint is None
+    defaults = WORLD_DEFAULT if world else {"concept_type": "celebrity", "steps": 50, "size": 512, "sample_steps": 20}
+    concepts = "\n".join(c.strip() for c in (args.concepts or defaults.get("concepts", "")).replace(";", "\n")
+                         .splitlines() if c.strip())
+    if not concepts:
+        raise SystemExit("--concepts: give at least one concept to erase.")
+    graph = erase_graph(
+        ckpt=None if world else place_checkpoint(host, args.checkpoint),
+        concepts=concepts,
+        concept_type=args.concept_type or defaults["concept_type"],
+        preserve="\n".join(p.strip() for p in args.preserve.split(";") if p.strip()) or defaults.get("preserve", ""),
+        prompt=args.prompt,
+        seed=args.seed,
+        size=defaults["size"],
+        steps=defaults["sample_steps"],
+        train_steps=args.steps or defaults["steps"],
+        prefix=args.name,
+        learning_rate=defaults.get("learning_rate", 1e-4),
+    ).api()
+    log.info("starting ComfyUI at %s", host)
+    with ComfyServer(host, log_file=Path(args.out).resolve() / "comfyui.log"
+                     if Path(args.out).mkdir(parents=True, exist_ok=True) is None else None) as server:
+        log.info("server on %s; erasing: %s", server.url, ", ".join(concepts.splitlines()))
+        entry = server.run(graph)
+    err = error_text(entry)
+    if err:
+        raise SystemExit(f"the erasure failed: {err}")
+    out = Path(args.out)
+    copied = []
+    for node_out in entry["outputs"].values():
+        for item in node_out.get("images", []) + node_out.get("files", []):
+            base = host / ("output" if item.get("type", "output") == "output" else item["type"])
+            src = base / item.get("subfolder", "") / item["filename"]
+            if src.is_file():
+                shutil.copy2(src, out / src.name)
+                copied.append(src.name)
+    for lora in sorted((host / "models" / "loras").glob(f"{args.name}*.safetensors"),
+                       key=os.path.getmtime)[-1:]:
+        shutil.copy2(lora, out / lora.name)
+        copied.append(lora.name)
+    log.info("done: %s in %s", ", ".join(copied), out.resolve())
+
+
+if __name__ == "__main__":
+    main()
