@@ -34,7 +34,7 @@ class MACESaveErasure(io.ComfyNode):
                                 tooltip="File name under models/loras, without extension; may contain subfolders. "
                                         "An existing file of that name is replaced."),
                 io.Combo.Input("mode", options=MODES, default="full",
-                               tooltip="'full' stores each weight difference exactly (.diff keys, about 46 MB for "
+                               tooltip="'full' stores each weight difference exactly (.diff keys, about 38 MB for "
                                        "SD1.5 in fp16); 'low rank' stores an SVD truncation as lora_up/lora_down "
                                        "(smaller, approximate; the error is logged and recorded in the file)."),
                 io.Int.Input("rank", default=64, min=1, max=1024,
