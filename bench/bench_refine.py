@@ -1,17 +1,19 @@
 """Refine (MACE stage 1) at 1, 10 and 100 concepts on SD1.5-sized cross-attention layers.
 
-Prints, per concept count: the text-encoding time (CLIP-L architecture through ComfyUI, when a host is present),
+Prints, per concept count: the text-encoding time (the measured per-prompt rate of a CLIP-L-architecture encoder
+through ComfyUI, times the prompts the count needs),
 our solve (stream d x d statistics, one Cholesky for all 32 matrices) and the per-layer reference (stack every
 context and target, one solve per matrix, as the paper's code does), their ratio, and peak memory of each solve.
 All figures of one run come from the same process on the same machine; compare ratios, not seconds.
 
-    python bench/bench_refine.py            # CPU-sized run
-    python bench/bench_refine.py --full     # every count encoded for real (use a GPU)
+    python bench/bench_refine.py                     # on the GPU when there is one
+    python bench/bench_refine.py --ref-layers 4      # CPU: time the reference on 4 matrices and scale
 """
 
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 import json
 import resource
@@ -43,21 +45,29 @@ def load_core():
     return cf
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def features(n_concepts, seed=0):
     """Synthetic per-concept (old, new) token features of real shape, generated one concept at a time."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     for _ in range(n_concepts):
-        old = torch.randn(TEMPLATES * PAIRS, D, generator=g)
-        yield old, old + 0.1 * torch.randn(TEMPLATES * PAIRS, D, generator=g)
+        old = torch.randn(TEMPLATES * PAIRS, D, generator=g, device=DEVICE)
+        yield old, old + 0.1 * torch.randn(TEMPLATES * PAIRS, D, generator=g, device=DEVICE)
 
 
 def weights(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(w, D, generator=g) / D**0.5 for w in WIDTHS for _ in range(2)]
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    return [torch.randn(w, D, generator=g, device=DEVICE) / D**0.5 for w in WIDTHS for _ in range(2)]
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def ours(cf, n, ws, prior):
-    m = cf.Moments(D)
+    m = cf.Moments(D, device=DEVICE)
     for old, new in features(n):
         m.add(old, new)
     t = cf.refine_transform(m, prior, 1.0, 0.01)
@@ -73,7 +83,8 @@ def reference(n, ws, prior, layers=None):
         w = w.double()
         targets = x_new @ w.T
         gram = x_old.T @ x_old
-        reg = 0.01 * float(torch.trace(gram)) / D * torch.eye(D, dtype=torch.float64) + x_old.shape[0] * prior
+        eye = torch.eye(D, dtype=torch.float64, device=DEVICE)
+        reg = 0.01 * float(torch.trace(gram)) / D * eye + x_old.shape[0] * prior
         rhs = targets.T @ x_old + w @ reg
         out.append(torch.linalg.solve(gram + reg, rhs.T).T - w)
     return out
@@ -95,22 +106,30 @@ def _measure_here(kind: str, n: int, ref_layers: int | None):
     ws = weights()
     prior = prior_moment()
     base = psutil.Process().memory_info().rss
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    sync()
     t0 = time.perf_counter()
     if kind == "ours":
         ours(cf, n, ws, prior)
     else:
         reference(n, ws, prior, ref_layers)
+    sync()
     dt = time.perf_counter() - t0
     if kind == "reference" and ref_layers:
         dt *= len(ws) / ref_layers
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    if DEVICE == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base  # GPU memory is what a GPU run spends
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     print(json.dumps({"seconds": dt, "peak_bytes": max(0, peak)}))  # read by the parent process
 
 
 def prior_moment():
     g = torch.Generator().manual_seed(2)
     p = torch.randn(4000, D, generator=g, dtype=torch.float64)
-    return p.T @ p / p.shape[0]
+    return (p.T @ p / p.shape[0]).to(DEVICE)
 
 
 def encode_rate(n_prompts=16):
@@ -120,6 +139,8 @@ def encode_rate(n_prompts=16):
 
     if not comfy_host.available():
         return None, "no host"
+    if torch.cuda.is_available():
+        os.environ.setdefault("MACE_TEST_GPU", "1")
     comfy_host.boot()
     import comfy.model_management as mm
     import comfy.sd
@@ -137,6 +158,7 @@ def encode_rate(n_prompts=16):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / n_prompts, str(mm.get_torch_device())
+
 
 
 def main():
@@ -158,6 +180,7 @@ def main():
         t_enc = rate * prompts if rate else float("nan")
         rows.append((n, t_enc, t_ours, t_ref, m_ours, m_ref))
     log.info("encoding: %s s/prompt on %s (CLIP-L architecture, ComfyUI)", f"{rate:.4f}" if rate else "-", device)
+    log.info("solves on %s", DEVICE)
     log.info("%8s %10s %10s %12s %9s %10s %12s %12s", "concepts", "encode s", "solve s", "reference s",
              "speedup", "solve/enc", "solve MiB", "ref MiB")
     for n, t_enc, t_o, t_r, m_o, m_r in rows:

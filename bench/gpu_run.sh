@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One short device-machine run: GPU checks of the host tests and the benchmarks, on a CUDA ComfyUI.
+# Needs .gpu/ (excluded from git): a ComfyUI source copy and wheels the GPU image lacks (torchsde, trampoline, av).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 MACE_TEST_GPU=1 COMFYUI_PATH="$PWD/.gpu/ComfyUI"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
+  && export PYTHONPATH=/tmp/site || exit 1
+out="${OUT:-/tmp/out}"; mkdir -p "$out"
+nvidia-smi -L | tee "$out/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee -a "$out/device.txt"
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/host/test_refine.py tests/host/test_fuse.py \
+  tests/host/test_train.py 2>&1 | tail -25 | tee "$out/tests.txt"
+timeout 150 python3 bench/bench_refine.py --counts 1,10,100 2>&1 | grep -v Warning | tail -8 | tee "$out/refine.txt"
+timeout 90 python3 bench/bench_fuse.py --counts 1,10,100 2>&1 | tail -10 | tee "$out/fuse.txt"
+timeout 120 python3 bench/bench_train.py --sd15 --size 64 --threads 8 2>&1 | tail -14 | tee "$out/train.txt"
