@@ -38,7 +38,7 @@ def loras_dir(tmp_path, monkeypatch):
 def features(host, clip, name, family="celebrity", pack_module=None):
     templates = mod(pack_module, "mace_core.concepts").TEMPLATES[family]
     _, e = host.clip_encoder(clip).encode([t.format(name) for t in templates])
-    return e.reshape(-1, e.shape[-1]).double()
+    return e.reshape(-1, e.shape[-1]).double().cpu()  # CLIP may run on a GPU (MACE_TEST_GPU=1)
 
 
 def random_bundle(pack_module, model, names, rank=1, seed=0, base=None):
@@ -125,7 +125,7 @@ def test_fusion_reproduces_each_lora_and_beats_naive_sum(pack, pack_module, wide
     before = snapshot(refined)
     fused = fuse(pack, refined, clip, bundle, "\n".join(KEEP))
     keys = host.cross_attention_keys(model)
-    w0, wp, wf = (host.current_weights(m, keys) for m in (model, refined, fused))
+    w0, wp, wf = (host.current_weights(m, keys, "cpu") for m in (model, refined, fused))
     summed = {k: sum(lora.delta(k) for lora in bundle.loras) for k in keys}
     for lora in bundle.loras:
         x = e[lora.concept]
@@ -164,7 +164,7 @@ def test_fused_weights_are_the_least_squares_optimum(pack, pack_module, tiny, ed
     host = mod(pack_module, "nodes.host")
     closed_form = mod(pack_module, "mace_core.closed_form")
     keys = host.cross_attention_keys(model)
-    w0, wp, wf = (host.current_weights(m, keys) for m in (model, refined, fused))
+    w0, wp, wf = (host.current_weights(m, keys, "cpu") for m in (model, refined, fused))
     xs = [features(host, clip, n, pack_module=pack_module) for n in NAMES[:3]]
     n_tok = sum(x.shape[0] for x in xs)
     gram = sum(x.T @ x for x in xs)
@@ -236,7 +236,7 @@ def test_full_erasure_loads_with_stock_loader_to_the_same_weights(pack, pack_mod
     loaded = stock_load(model, clip, "mace/erasure.safetensors")
     keys = host.cross_attention_keys(model)
     assert sorted(loaded.patches) == keys, "the stock loader patches exactly the cross-attention keys"
-    a, b = host.current_weights(erased, keys), host.current_weights(loaded, keys)
+    a, b = host.current_weights(erased, keys, "cpu"), host.current_weights(loaded, keys, "cpu")
     worst = max(float((a[k] - b[k]).abs().max() / a[k].abs().max()) for k in keys)
     print(f"stock LoraLoader vs in-graph model, full mode: worst relative weight difference {worst:.1e}")
     assert worst < 1e-6
@@ -255,13 +255,13 @@ def test_low_rank_erasure_error_is_measured_and_exact_at_full_rank(pack, pack_mo
     host = mod(pack_module, "nodes.host")
     erased = edited[2]
     keys = host.cross_attention_keys(model)
-    w0, target = host.current_weights(model, keys), host.current_weights(erased, keys)
+    w0, target = host.current_weights(model, keys, "cpu"), host.current_weights(erased, keys, "cpu")
     errors = {}
     for rank in (4, 64):
         pack[ERASURE].execute(erased, f"erasure_r{rank}", "low rank", rank)
         with safe_open(str(loras_dir / f"erasure_r{rank}.safetensors"), "pt") as f:
             recorded = float(f.metadata()["mace_relative_error"])
-        got = host.current_weights(stock_load(model, clip, f"erasure_r{rank}.safetensors"), keys)
+        got = host.current_weights(stock_load(model, clip, f"erasure_r{rank}.safetensors"), keys, "cpu")
         num = sum(float((got[k] - target[k]).pow(2).sum()) for k in keys)
         den = sum(float((target[k] - w0[k]).pow(2).sum()) for k in keys)
         measured = (num / den) ** 0.5

@@ -73,7 +73,7 @@ def test_stock_loader_applies_a_saved_concept_lora(pack, pack_module, tiny, lora
     loaded = nodes.NODE_CLASS_MAPPINGS["LoraLoader"]().load_lora(model, clip, "mace/stock_vincent-van-gogh.safetensors",
                                                                  1.0, 1.0)[0]
     keys = host.cross_attention_keys(model)
-    got, w0 = host.current_weights(loaded, keys), host.current_weights(model, keys)
+    got, w0 = host.current_weights(loaded, keys, "cpu"), host.current_weights(model, keys, "cpu")
     lora = bundle.loras[1]  # alpha 1 over rank 2: the loader must scale by 0.5 as we do
     for k in keys:
         assert torch.allclose(got[k] - w0[k], lora.delta(k), atol=1e-5)
