@@ -1,9 +1,19 @@
 """Concept lists as users type them, the families they belong to, default anchors and prompt templates.
 
-A concept list is one concept per line, optionally `concept => anchor` to pick the word the concept is mapped onto.
+A concept list is one concept per line:
+
+    Claude Monet                      the node's concept type, and its anchor
+    Claude Monet => a painter         own anchor
+    Claude Monet | style              own type (one of FAMILIES); anchor: that type's default
+    Claude Monet => a painter | style own anchor and type
+
+so one list can mix celebrities, styles, objects and explicit terms. Blank lines and lines starting with # are skipped;
+runs of whitespace inside a name become one space, type words are matched case-insensitively. Anything else that is
+not a concept (a type without a name, two '=>', an unknown type, a name twice) is an error naming its line.
 Templates are written for this project; each family has about thirty, so the edit sees the concept in many contexts.
 """
 
+import unicodedata
 from dataclasses import dataclass
 
 FAMILIES = ("object", "celebrity", "style", "explicit")
@@ -59,6 +69,9 @@ TEMPLATES = {
 # the words a user later types, so we refuse them instead of guessing.
 _SYNTAX = ("(", ")", ":", "embedding:", "\\")
 
+ANCHOR_SEP = "=>"
+TYPE_SEP = "|"
+
 
 @dataclass(frozen=True)
 class Concept:
@@ -79,47 +92,125 @@ def check_family(family: str, input_name: str = "concept_type") -> str:
     return family
 
 
-def _check_name(text: str, input_name: str, line_no: int):
+def where_line(line_no: int, source: str = "") -> str:
+    """How errors name a line: 'line 3' in the box, "'celebs.csv' line 3" in a file."""
+    return f"'{source}' line {line_no}" if source else f"line {line_no}"
+
+
+def normalize(text: str) -> str:
+    """The one normalisation applied to names, anchors and types: Unicode NFC, runs of whitespace (any kind, e.g.
+    non-breaking spaces) become one space, none at the ends."""
+    return " ".join(unicodedata.normalize("NFC", text or "").split())
+
+
+def _check_name(text: str, input_name: str, where):
     from .errors import MaceInputError
 
+    if isinstance(where, int):
+        where = where_line(where)
     for s in _SYNTAX:
         if s in text:
             raise MaceInputError(
                 input_name,
-                f"line {line_no} ('{text}') contains '{s}', which ComfyUI reads as prompt syntax.",
+                f"{where} ('{text}') contains '{s}', which ComfyUI reads as prompt syntax.",
                 "Write the name without brackets, colons or backslashes.",
             )
 
 
-def parse_concepts(text: str, family: str, anchor: str = "", input_name: str = "concepts") -> list[Concept]:
-    """One concept per line, `concept => anchor` overrides the anchor; blank lines are ignored."""
+def default_anchor(family: str, node_family: str, node_anchor: str = "") -> str:
+    """The node's anchor input applies to concepts of the node's type; a concept of another type (set on its own
+    line) falls back to its type's default anchor."""
+    node_anchor = normalize(node_anchor)
+    return node_anchor if node_anchor and family == node_family else DEFAULT_ANCHORS[family]
+
+
+def parse_type(text: str, where: str, input_name: str) -> str:
+    """A type word from a line or a CSV cell ('' = none); case and surrounding whitespace do not matter."""
     from .errors import MaceInputError
 
+    word = normalize(text).lower()
+    if word and word not in FAMILIES:
+        hint = " Write the anchor before the type: 'concept => anchor | type'." if ANCHOR_SEP in word else ""
+        raise MaceInputError(input_name, f"{where}: unknown concept type '{normalize(text)}'.",
+                             f"Use one of: {', '.join(FAMILIES)}.{hint}")
+    return word
+
+
+def make_concept(name: str, own_anchor: str, own_type: str, family: str, anchor: str, where: str,
+                 input_name: str) -> Concept:
+    """One validated concept from its parts as written ('' anchor or type = the defaults)."""
+    from .errors import MaceInputError
+
+    name, own_anchor = normalize(name), normalize(own_anchor)
+    fam = parse_type(own_type, where, input_name) or family
+    if not name:
+        what = "an anchor" if own_anchor else "a type"
+        raise MaceInputError(input_name, f"{where} has {what} but no concept.",
+                             "Write the concept first: 'concept => anchor | type'.")
+    _check_name(name, input_name, where)
+    _check_name(own_anchor, input_name, where)
+    a = own_anchor or default_anchor(fam, family, anchor)
+    if name.lower() == a.lower():
+        raise MaceInputError(input_name, f"concept '{name}' ({where}) is the same as its anchor.",
+                             "Pick an anchor that differs from the concept, e.g. a more general word.")
+    return Concept(name, a, fam)
+
+
+def parse_line(line: str, family: str, anchor: str, where: str, input_name: str = "concepts") -> Concept | None:
+    """`concept`, `concept => anchor`, `concept | type` or `concept => anchor | type`; None for a blank or # line."""
+    from .errors import MaceInputError
+
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    rest, sep, own_type = line.rpartition(TYPE_SEP) if TYPE_SEP in line else (line, "", "")
+    if TYPE_SEP in rest:
+        raise MaceInputError(input_name, f"{where} ('{line}') has more than one '{TYPE_SEP}'.",
+                             "Write at most one type per line: 'concept => anchor | type'.")
+    if sep and not normalize(own_type):
+        raise MaceInputError(input_name, f"{where} ('{line}') has '{TYPE_SEP}' but no type after it.",
+                             f"Write one of {', '.join(FAMILIES)} after '{TYPE_SEP}', or leave out the '{TYPE_SEP}'.")
+    parts = rest.split(ANCHOR_SEP)
+    if len(parts) > 2:
+        raise MaceInputError(input_name, f"{where} ('{line}') has more than one '{ANCHOR_SEP}'.",
+                             "Write one anchor per line: 'concept => anchor'.")
+    name, own_anchor = parts[0], parts[1] if len(parts) > 1 else ""
+    return make_concept(name, own_anchor, own_type, family, anchor, where, input_name)
+
+
+def parse_entries(text: str, family: str, anchor: str = "", input_name: str = "concepts",
+                  source: str = "") -> list[tuple[Concept, str]]:
+    """Every concept of a list with where it was written; no duplicate or emptiness check (see check_unique)."""
     check_family(family)
-    default_anchor = anchor.strip() or DEFAULT_ANCHORS[family]
-    _check_name(default_anchor, "anchor", 1)
-    out: list[Concept] = []
-    seen: dict[str, int] = {}
+    _check_name(normalize(anchor), "anchor", 1)
+    out = []
     for line_no, raw in enumerate((text or "").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, own_anchor = line.partition("=>")
-        name, own_anchor = " ".join(name.split()), " ".join(own_anchor.split())
-        if not name:
-            raise MaceInputError(input_name, f"line {line_no} has an anchor but no concept before '=>'.")
-        _check_name(name, input_name, line_no)
-        _check_name(own_anchor, input_name, line_no)
-        a = own_anchor or default_anchor
-        if name.lower() == a.lower():
-            raise MaceInputError(input_name, f"concept '{name}' (line {line_no}) is the same as its anchor.",
-                                 "Pick an anchor that differs from the concept, e.g. a more general word.")
-        key = name.lower()
+        where = where_line(line_no, source)
+        c = parse_line(raw, family, anchor, where, input_name)
+        if c is not None:
+            out.append((c, where))
+    return out
+
+
+def check_unique(entries: list[tuple[Concept, str]], input_name: str = "concepts") -> list[Concept]:
+    """The concepts, refusing a name given twice (case and spacing do not make two concepts)."""
+    from .errors import MaceInputError
+
+    seen: dict[str, str] = {}
+    for c, where in entries:
+        key = c.name.lower()
         if key in seen:
-            raise MaceInputError(input_name, f"concept '{name}' is listed twice (lines {seen[key]} and {line_no}).",
+            raise MaceInputError(input_name, f"concept '{c.name}' is listed twice ({seen[key]} and {where}).",
                                  "Remove the duplicate.")
-        seen[key] = line_no
-        out.append(Concept(name, a, family))
+        seen[key] = where
+    return [c for c, _ in entries]
+
+
+def parse_concepts(text: str, family: str, anchor: str = "", input_name: str = "concepts") -> list[Concept]:
+    """One concept per line (see the module docstring for the line syntax); blank and # lines are ignored."""
+    from .errors import MaceInputError
+
+    out = check_unique(parse_entries(text, family, anchor, input_name), input_name)
     if not out:
         raise MaceInputError(input_name, "no concepts given.", "Write one concept per line, e.g. 'Claude Monet'.")
     return out

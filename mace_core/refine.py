@@ -15,22 +15,30 @@ from .text import TextEncoder, check_concepts
 
 
 def edit_moments(concepts: list[Concept], enc: TextEncoder, progress: Callable[[], None] | None = None) -> Moments:
-    """Stream each concept's prompt pairs into the d x d sums; nothing per concept is kept."""
+    """Stream each concept's prompt pairs into the d x d sums; nothing per concept is kept.
+
+    Concepts are visited grouped by (anchor, type), so each anchor's prompts are encoded once and only one anchor's
+    features are held at a time, however many distinct anchors a long list has (the sums do not depend on order)."""
     m = Moments(enc.dim)
-    anchors: dict[tuple[str, str], tuple] = {}  # concepts usually share a few anchors: encode each once
+    groups: dict[tuple[str, str], list[Concept]] = {}
     for c in concepts:
-        old_prompts, new_prompts = c.prompts(), c.prompts(anchor=True)
-        ids_old, e_old = enc.encode(old_prompts)
-        key = (c.anchor, c.family)
-        if key not in anchors:
-            anchors[key] = enc.encode(new_prompts)
-        ids_new, e_new = anchors[key]
-        for k in range(len(old_prompts)):
-            i_old, i_new = align_pairs(ids_old[k], ids_new[k], enc.end_id)
-            m.add(e_old[k, i_old], e_new[k, i_new])
-        if progress:
-            progress()
+        groups.setdefault((c.anchor, c.family), []).append(c)
+    for members in groups.values():
+        ids_new, e_new = enc.encode(members[0].prompts(anchor=True))
+        for c in members:
+            _add_concept(m, c, ids_new, e_new, enc, progress)
+        del ids_new, e_new
     return m
+
+
+def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progress):
+    old_prompts = c.prompts()
+    ids_old, e_old = enc.encode(old_prompts)
+    for k in range(len(old_prompts)):
+        i_old, i_new = align_pairs(ids_old[k], ids_new[k], enc.end_id)
+        m.add(e_old[k, i_old], e_new[k, i_new])
+    if progress:
+        progress()
 
 
 def keep_moment(names: list[str], family: str, enc: TextEncoder) -> torch.Tensor | None:

@@ -3,10 +3,12 @@
 import logging
 import time
 
+import folder_paths
 from comfy_api.latest import io
 
+from ..mace_core import concept_files
 from ..mace_core.closed_form import apply_transform
-from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, parse_concepts, parse_names
+from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, parse_names
 from ..mace_core.prior import prior_moment
 from ..mace_core.refine import refine
 from . import host
@@ -20,12 +22,33 @@ def concept_inputs() -> list:
     return [
         io.String.Input("concepts", multiline=True, default="",
                         tooltip="Concepts to erase, one per line. Write 'concept => anchor' to choose what a line is "
-                                "mapped onto. Lines starting with # are ignored."),
+                                "mapped onto, and 'concept | type' or 'concept => anchor | type' to give a line its "
+                                f"own type ({', '.join(FAMILIES)}). Lines starting with # are ignored."),
         io.Combo.Input("concept_type", options=list(FAMILIES), default="celebrity",
                        tooltip="Which prompt templates describe the concepts (and the default anchor)."),
         io.String.Input("anchor", default="",
                         tooltip=f"What erased concepts turn into. Blank uses the type's default ({anchors})."),
     ]
+
+
+def concept_file_input():
+    """Added last to the nodes that take concepts, so saved workflows keep their widget order."""
+    return io.String.Input("concept_file", default="", optional=True,
+                           tooltip="Optional: a .txt or .csv file in ComfyUI's input folder whose concepts are added "
+                                   "after the box's. .txt: one concept per line, as in the box. .csv: a header "
+                                   "'concept,anchor,type' (anchor and type optional, blank cells = defaults), one "
+                                   "concept per row. Blank = none.")
+
+
+def read_concepts(concepts, concept_type, anchor, concept_file=""):
+    """The box's concepts followed by those of concept_file, each with its own type and anchor."""
+    return concept_files.load_concepts(concepts, concept_type, anchor, folder_paths.get_input_directory(),
+                                       concept_file or "")
+
+
+def concept_file_fingerprint(concept_file="", **_):
+    """Rerun when the concept file's content changes, though its name did not."""
+    return concept_files.fingerprint(folder_paths.get_input_directory(), concept_file or "")
 
 
 def prior_for(clip, enc, progress=None):
@@ -58,20 +81,27 @@ class MACERefineCrossAttention(io.ComfyNode):
                 io.Float.Input("lambda_", display_name="lambda", default=0.01, min=0.0, max=10.0, step=0.001,
                                tooltip="Ridge term that keeps weights near the original, relative to the mean "
                                        "eigenvalue of the concept statistics. Raise it for a gentler edit."),
+                concept_file_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with refined cross-attention, ready for KSampler.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_):
-        model_out = refine_model(model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_)
+    def fingerprint_inputs(cls, concept_file="", **kwargs):
+        return concept_file_fingerprint(concept_file)
+
+    @classmethod
+    def execute(cls, model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_,
+                concept_file=""):
+        model_out = refine_model(model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_,
+                                 concept_file)
         return io.NodeOutput(model_out)
 
 
 def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", preservation_strength=1.0,
-                 lambda_=0.01):
+                 lambda_=0.01, concept_file=""):
     """Parse, validate, solve, then patch a clone. Nothing is applied until every step has succeeded."""
-    items = parse_concepts(concepts, concept_type, anchor)
+    items = read_concepts(concepts, concept_type, anchor, concept_file)
     keep = parse_names(preserve)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)

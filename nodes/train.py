@@ -1,6 +1,9 @@
 """MACE Train Concept LoRA: stage 2 as a node (one attention-suppressing LoRA per concept)."""
 
+import hashlib
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -9,14 +12,16 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageDraw, ImageFont
 
+from ..mace_core import lora_files
 from ..mace_core.attention_loss import TIMESTEP_KINDS, check_mask
-from ..mace_core.concepts import TEMPLATES, parse_concepts
+from ..mace_core.concepts import TEMPLATES
 from ..mace_core.errors import MaceInputError
 from ..mace_core.lora_bundle import ConceptLoRA, LoRABundle
 from ..mace_core.text import check_concepts
-from ..mace_core.train import TrainConfig, init_lora, train_concepts
+from ..mace_core.train import TrainConfig, concept_generator, init_lora, train_task
 from . import attention, host
-from .refine import concept_inputs
+from .loras import inside, loras_root, slug
+from .refine import concept_file_fingerprint, concept_file_input, concept_inputs, read_concepts
 
 log = logging.getLogger("MACE")
 
@@ -77,6 +82,13 @@ class MACETrainConceptLoRA(io.ComfyNode):
                                tooltip="The model that makes the training images and attention masks when no "
                                        "latents are connected; connect the original checkpoint (it still draws the "
                                        "concepts). Default: the model being trained."),
+                concept_file_input(),
+                io.String.Input("resume_folder", default="", optional=True,
+                                tooltip="Optional: a folder under models/loras (e.g. 'mace/run1') that makes long runs "
+                                        "resumable. Each concept's LoRA is written there as soon as it is trained; "
+                                        "a concept whose file there was trained with exactly these settings (same "
+                                        "model, position in the list, rank, steps, seed, learning rate, data) is "
+                                        "loaded instead of trained again. Blank = off."),
             ],
             outputs=[
                 MaceLoras.Output("loras", display_name="loras",
@@ -90,12 +102,17 @@ class MACETrainConceptLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, concept_file="", **kwargs):
+        return concept_file_fingerprint(concept_file)
+
+    @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed,
                 timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0,
-                image_model=None):
+                image_model=None, concept_file="", resume_folder=""):
         bundle, model_out, curves = train_concept_loras(
             model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed, timestep_sampling,
-            images_per_concept, mask_source, latents, mask, image_size or 0, image_model)
+            images_per_concept, mask_source, latents, mask, image_size or 0, image_model, concept_file or "",
+            resume_folder or "")
         return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
 
 
@@ -153,7 +170,7 @@ def _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_p
 
 
 def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
-                  progress, image_model=None) -> list[_ConceptData]:
+                  progress, image_model=None, only=None) -> list[_ConceptData | None]:
     # Images and attention masks of the concept come from the model that still draws it (MACE makes its data with
     # the original model, then trains on the refined one).
     source = image_model if image_model is not None else model
@@ -161,6 +178,9 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
     size = image_size or attention.default_image_size(model)
     out = []
     for i, c in enumerate(items):
+        if only is not None and i not in only:  # resumed from its file: no data needed
+            out.append(None)
+            continue
         prompts = attention.concept_prompts(clip, c, TEMPLATES[c.family], enc.end_id)
         if samples is not None:
             lat = samples[i * k:(i + 1) * k]
@@ -186,11 +206,12 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
 
 def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50, learning_rate=1e-4, rank=1,
                         seed=0, timestep_sampling="importance", images_per_concept=8, mask_source="auto",
-                        latents=None, mask=None, image_size=0, image_model=None):
+                        latents=None, mask=None, image_size=0, image_model=None, concept_file="", resume_folder=""):
     """Validate everything, make or take the data, train one LoRA per concept on a private clone, then build the
-    bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Nothing is applied on failure or
-    cancel: the trained tensors live only in this call until it returns."""
-    items = parse_concepts(concepts, concept_type, anchor)
+    bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Nothing is applied to the model on
+    failure or cancel; with a resume_folder, each concept's LoRA is written there as soon as it is trained, and
+    concepts already there (same settings) are loaded instead of trained."""
+    items = read_concepts(concepts, concept_type, anchor, concept_file)
     samples, mask = _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept,
                                   mask_source, latents, mask, image_size, model)
     keys = host.cross_attention_keys(model, clip)
@@ -201,39 +222,136 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50
     t0 = time.perf_counter()
     if image_model is not None:
         host.cross_attention_keys(image_model, clip)
-    data = _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
-                         progress, image_model)
-    t_data = time.perf_counter() - t0
     shapes = {k: tuple(w.shape) for k, w in host.original_weights(model, keys).items()}
+    base = host.model_fingerprint(model)
+    loras: list[ConceptLoRA | None] = [None] * len(items)
+    resume = None
+    if (resume_folder or "").strip():
+        resume = _Resume(resume_folder, items, model, keys, shapes, base, cfg, rank, timestep_sampling, mask_source,
+                         samples, mask, images_per_concept, image_size, image_model)
+        for i in range(len(items)):
+            loras[i] = resume.load(i)
+            if loras[i] is not None:
+                progress(steps + 1)
+    todo = [i for i in range(len(items)) if loras[i] is None]
+    data = _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
+                         progress, image_model, only=set(todo))
+    t_data = time.perf_counter() - t0
 
     # the executor runs nodes under inference_mode; training needs autograd on a private clone
     with torch.inference_mode(False), torch.enable_grad():
-        tm = attention.TrainableModel(model, keys)
+        tm = attention.TrainableModel(model, keys) if todo else None
         try:
-            tm.load()
-
-            def make_task(i, gen):
+            if tm is not None:
+                tm.load()
+            for i in todo:  # as mace_core.train.train_concepts, for the concepts not resumed
+                gen = concept_generator(cfg.seed, i)
                 up, down = init_lora(shapes, rank, gen, device=tm.device)
-                d = data[i]
-                return attention.ConceptTask(tm, d.prompts, d.latents, d.masks, up, down, timestep_sampling)
-
-            results = train_concepts(len(items), make_task, cfg, progress)
+                c, d = items[i], data[i]
+                task = attention.ConceptTask(tm, d.prompts, d.latents, d.masks, up, down, timestep_sampling)
+                losses = train_task(task, cfg, gen, progress)
+                up = {k: v.detach().float().cpu() for k, v in task.up.items()}
+                down = {k: v.detach().float().cpu() for k, v in task.down.items()}
+                loras[i] = ConceptLoRA(c.name, c.anchor, c.family, next(iter(down.values())).shape[0], steps, up,
+                                       down, meta={"losses": losses, "learning_rate": learning_rate, "seed": seed,
+                                                   "timestep_sampling": timestep_sampling,
+                                                   "mask_source": d.mask_source, "images": int(d.latents.shape[0])})
+                if resume is not None:
+                    resume.save(i, loras[i])
         finally:
-            tm.release()
-        loras = []
-        for c, d, (task, losses) in zip(items, data, results):
-            up = {k: v.detach().float().cpu() for k, v in task.up.items()}
-            down = {k: v.detach().float().cpu() for k, v in task.down.items()}
-            loras.append(ConceptLoRA(c.name, c.anchor, c.family, next(iter(down.values())).shape[0], steps, up, down,
-                                     meta={"losses": losses, "learning_rate": learning_rate, "seed": seed,
-                                           "timestep_sampling": timestep_sampling, "mask_source": d.mask_source,
-                                           "images": int(d.latents.shape[0])}))
-    bundle = LoRABundle(loras, base=host.model_fingerprint(model), meta={"stage": "train"})
+            if tm is not None:
+                tm.release()
+    if resume is not None:
+        log.info("MACE train: %d of %d concepts loaded from %s, %d trained", len(items) - len(todo), len(items),
+                 resume.folder, len(todo))
+    bundle = LoRABundle(loras, base=base, meta={"stage": "train"})
     model_out = host.with_deltas(model, {k: bundle.summed_delta(k) for k in keys})
     t_all = time.perf_counter() - t0
     log.info("MACE train: %d concepts x %d steps in %.1fs (data %.1fs, %.2fs per concept of training)",
-             len(items), steps, t_all, t_data, (t_all - t_data) / len(items))
+             len(items), steps, t_all, t_data, (t_all - t_data) / max(1, len(todo)))
     return bundle, model_out, {lora.concept: lora.meta["losses"] for lora in loras}
+
+
+# ---------------------------------------------------------------- resumable runs
+
+RESUME_VERSION = 1
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+class _Resume:
+    """One file per concept in models/loras/<folder>, written as soon as the concept is trained. A file is reused only
+    when its recorded key matches: the key covers everything the LoRA depends on (base and starting weights, the
+    concept's position in the list, which seeds its generator and data, rank, steps, seed, optimiser settings,
+    timestep sampling, mask mode and its data), so a resumed run gives the LoRAs an uninterrupted run gives."""
+
+    def __init__(self, folder, items, model, keys, shapes, base, cfg, rank, timestep_sampling, mask_source, samples,
+                 mask, images_per_concept, image_size, image_model):
+        self.folder = inside(loras_root(), folder.strip(), "resume_folder")
+        self.items, self.shapes, self.base = items, shapes, base
+        start = host.current_weights(model, keys)
+        run = {"v": RESUME_VERSION, "base": base, "start": _digest(start[k] for k in keys), "rank": rank,
+               "cfg": repr(cfg), "timestep_sampling": timestep_sampling}
+        if samples is None:
+            source = image_model if image_model is not None else model
+            run["data"] = {"images": images_per_concept, "size": image_size or attention.default_image_size(model),
+                           "source": _digest(host.current_weights(source, keys).values()) if image_model else "model"}
+        self.run, self.samples, self.mask, self.mask_source = run, samples, mask, mask_source
+        self.k = samples.shape[0] // len(items) if samples is not None else images_per_concept
+        slugs = [slug(c.name) for c in items]
+        self.names = [s if slugs.count(s) == 1 else f"{s}-{hashlib.sha1(c.name.lower().encode()).hexdigest()[:6]}"
+                      for s, c in zip(slugs, items)]
+        mine = {n + ".safetensors" for n in self.names}
+        if os.path.isdir(self.folder):
+            other = [f for f in os.listdir(self.folder) if f.endswith(".safetensors") and f not in mine]
+            if other:
+                log.info("MACE train: %s also holds %d files of other concepts (left alone), e.g. %s", self.folder,
+                         len(other), other[0])
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.folder, self.names[i] + ".safetensors")
+
+    def key(self, i: int) -> str:
+        c = self.items[i]
+        mode = mask_mode(self.mask_source, c.family, self.mask is not None)
+        own = {"index": i, "concept": c.name, "anchor": c.anchor, "family": c.family, "mask": mode,
+               "templates": TEMPLATES[c.family] + [attention.data_template(c)]}
+        if self.samples is not None:
+            part = slice(i * self.k, (i + 1) * self.k)
+            own["latents"] = _digest([self.samples[part]])
+            if mode == "given":
+                own["given_mask"] = _digest([self.mask[part]])
+        text = json.dumps({"run": self.run, "concept": own}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def load(self, i: int) -> ConceptLoRA | None:
+        path = self.path(i)
+        if not os.path.isfile(path):
+            return None
+        name = os.path.relpath(path, loras_root())
+        try:
+            lora, _ = lora_files.load_lora(path, self.shapes, input_name="resume_folder")
+        except MaceInputError as e:
+            log.warning("MACE train: %s is unreadable (%s); training '%s' again", name, e, self.items[i].name)
+            return None
+        if lora.meta.get("resume_key") != self.key(i) or lora.concept != self.items[i].name:
+            log.info("MACE train: %s was trained with other settings; training '%s' again (the file is replaced)",
+                     name, self.items[i].name)
+            return None
+        lora.anchor, lora.family = self.items[i].anchor, self.items[i].family
+        log.info("MACE train: '%s' loaded from %s", lora.concept, name)
+        return lora
+
+    def save(self, i: int, lora: ConceptLoRA):
+        lora.meta["resume_key"] = self.key(i)
+        lora_files.save_lora(self.path(i), lora, self.base)
 
 
 # ---------------------------------------------------------------- loss plot
