@@ -76,8 +76,10 @@ def test_schema(pack):
     s = cls.define_schema()
     assert s.display_name == "MACE Train Concept LoRA" and s.category == "MACE" and s.description
     names = [i.id for i in s.inputs]
-    assert names == ["model", "clip", "concepts", "concept_type", "anchor", "steps", "learning_rate", "rank", "seed",
-                     "timestep_sampling", "images_per_concept", "mask_source", "latents", "mask", "image_size"]
+    # Inputs only ever get appended, so saved workflows keep loading.
+    assert names[:16] == ["model", "clip", "concepts", "concept_type", "anchor", "steps", "learning_rate", "rank",
+                          "seed", "timestep_sampling", "images_per_concept", "mask_source", "latents", "mask",
+                          "image_size", "image_model"]
     assert all(i.tooltip for i in s.inputs)
     assert [i.optional for i in s.inputs][-3:] == [True, True, True]
     defaults = {i.id: getattr(i, "default", None) for i in s.inputs}
@@ -161,6 +163,25 @@ def test_node_under_inference_mode_is_seeded_and_leaves_model_alone(pack, mods, 
     assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and 0 <= float(img.min()) <= float(img.max()) <= 1
     assert sorted(m1.patches) == mods.host.cross_attention_keys(model)
     assert_untouched(model, *before)
+
+
+def test_image_model_makes_the_training_data(pack, mods, tiny):
+    """With image_model connected, images and masks come from it (the original model), training from `model`."""
+    model, clip = tiny
+    with torch.inference_mode():
+        other = comfy_host.tiny_model(seed=3)
+    before = state(other)
+    args = dict(model=model, clip=clip, concepts="Claude Monet", concept_type="style", anchor="", steps=2,
+                learning_rate=1e-2, rank=1, seed=5, timestep_sampling="importance", images_per_concept=2,
+                mask_source="attention", image_size=64)
+    with torch.inference_mode():
+        own = pack[NODE].execute(**args).result[0]
+        same = pack[NODE].execute(**args, image_model=model).result[0]
+        other_data = pack[NODE].execute(**args, image_model=other).result[0]
+    t_own, t_same, t_other = lora_tensors(own), lora_tensors(same), lora_tensors(other_data)
+    assert all(torch.equal(t_own[k], t_same[k]) for k in t_own), "image_model=model is the default"
+    assert any(not torch.equal(t_own[k], t_other[k]) for k in t_own), "another image model, other data"
+    assert_untouched(other, *before)
 
 
 def test_training_starts_from_current_weights(mods, tiny):
