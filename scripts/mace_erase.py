@@ -24,23 +24,24 @@ from pipelines import WORLD_DEFAULT, erase_graph  # noqa: E402
 log = logging.getLogger("mace-erase")
 
 
-def link_pack(host: Path):
+def link_pack(base: Path):
     """ComfyUI loads custom nodes from its custom_nodes folder: make sure this checkout is there."""
-    link = host / "custom_nodes" / "comfyui-mace"
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / "comfyui-mace"
     if link.resolve() != HERE.parent:
         if link.is_symlink() or link.exists():
             raise SystemExit(f"{link} exists and is not this checkout; remove it or run from that checkout.")
         link.symlink_to(HERE.parent)
 
 
-def place_checkpoint(host: Path, path: str) -> str:
+def place_checkpoint(base: Path, path: str) -> str:
     """CheckpointLoaderSimple reads names under models/checkpoints: link a file from elsewhere in."""
     src = Path(path).expanduser().resolve()
     if not src.is_file():
         raise SystemExit(f"--checkpoint: no such file {src}")
     if src.suffix != ".safetensors":
         raise SystemExit("--checkpoint: only .safetensors checkpoints are read (no pickle files).")
-    ckpts = (host / "models" / "checkpoints").resolve()
+    ckpts = (base / "models" / "checkpoints").resolve()
     if ckpts in src.parents:
         return str(src.relative_to(ckpts))
     dest = ckpts / "mace-cli" / src.name
@@ -64,48 +65,57 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="mace_out", help="folder for the before/after images and the erasure LoRA")
     ap.add_argument("--name", default="mace_erasure", help="file name prefix of the erasure LoRA")
+    ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's usual size)")
+    ap.add_argument("--sample-steps", type=int, default=None, help="sampler steps of the before/after images")
+    ap.add_argument("--images", type=int, default=8, help="training images per concept")
+    ap.add_argument("--base-directory", default=None,
+                    help="ComfyUI base directory for models, custom_nodes, input and output (default: the host's)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[mace-erase] %(message)s")
 
     host = default_host()
-    link_pack(host)
+    base = Path(args.base_directory).resolve() if args.base_directory else host
+    link_pack(base)
     world = args.checkpoint is None
+    ckpt = None if world else place_checkpoint(base, args.checkpoint)
     defaults = WORLD_DEFAULT if world else {"concept_type": "celebrity", "steps": 50, "size": 512, "sample_steps": 20}
     concepts = "\n".join(c.strip() for c in (args.concepts or defaults.get("concepts", "")).replace(";", "\n")
                          .splitlines() if c.strip())
     if not concepts:
         raise SystemExit("--concepts: give at least one concept to erase.")
     graph = erase_graph(
-        ckpt=None if world else place_checkpoint(host, args.checkpoint),
+        ckpt=ckpt,
         concepts=concepts,
         concept_type=args.concept_type or defaults["concept_type"],
         preserve="\n".join(p.strip() for p in args.preserve.split(";") if p.strip()) or defaults.get("preserve", ""),
         prompt=args.prompt,
         seed=args.seed,
-        size=defaults["size"],
-        steps=defaults["sample_steps"],
+        size=args.size or defaults["size"],
+        steps=args.sample_steps or defaults["sample_steps"],
+        images=args.images,
+        image_size=args.size or 0,
         train_steps=args.steps or defaults["steps"],
         prefix=args.name,
         learning_rate=defaults.get("learning_rate", 1e-4),
     ).api()
-    log.info("starting ComfyUI at %s", host)
-    with ComfyServer(host, log_file=Path(args.out).resolve() / "comfyui.log"
-                     if Path(args.out).mkdir(parents=True, exist_ok=True) is None else None) as server:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("starting ComfyUI at %s (its log: %s)", host, out / "comfyui.log")
+    extra = ["--base-directory", str(base)] if args.base_directory else []
+    with ComfyServer(host, extra_args=extra, log_file=out.resolve() / "comfyui.log") as server:
         log.info("server on %s; erasing: %s", server.url, ", ".join(concepts.splitlines()))
         entry = server.run(graph)
     err = error_text(entry)
     if err:
         raise SystemExit(f"the erasure failed: {err}")
-    out = Path(args.out)
     copied = []
     for node_out in entry["outputs"].values():
-        for item in node_out.get("images", []) + node_out.get("files", []):
-            base = host / ("output" if item.get("type", "output") == "output" else item["type"])
-            src = base / item.get("subfolder", "") / item["filename"]
+        for item in node_out.get("images", []):
+            src = base / item.get("type", "output") / item.get("subfolder", "") / item["filename"]
             if src.is_file():
                 shutil.copy2(src, out / src.name)
                 copied.append(src.name)
-    for lora in sorted((host / "models" / "loras").glob(f"{args.name}*.safetensors"),
+    for lora in sorted((base / "models" / "loras").glob(f"{args.name}*.safetensors"),
                        key=os.path.getmtime)[-1:]:
         shutil.copy2(lora, out / lora.name)
         copied.append(lora.name)

@@ -63,7 +63,7 @@ def train_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
 
 def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style", preserve="", prompt=None, seed=42,
                 size=512, steps=20, train_steps=50, learning_rate=1e-4, image_size=0, prefix="mace_erasure",
-                world_seed=0) -> Graph:
+                world_seed=0, images=8) -> Graph:
     """The whole MACE pipeline: refine, one LoRA per concept, closed-form fusion, before/after, save the erasure."""
     g = Graph()
     model, clip, vae = _loader(g, ckpt, world_seed)
@@ -71,7 +71,7 @@ def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
                     anchor="", preserve=preserve, preservation_strength=1.0, lambda_=0.01)
     train = g.add("MACETrainConceptLoRA", model=refined[0], clip=clip, concepts=concepts, concept_type=concept_type,
                   anchor="", steps=train_steps, learning_rate=learning_rate, rank=1, seed=seed,
-                  timestep_sampling="importance", images_per_concept=8, mask_source="auto",
+                  timestep_sampling="importance", images_per_concept=images, mask_source="auto",
                   image_size=image_size, image_model=model)
     fused = g.add("MACEFuseLoRAs", model=refined[0], clip=clip, loras=train[0], preserve=preserve,
                   preservation_strength=1.0, lambda_=0.01)

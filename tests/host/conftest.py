@@ -36,3 +36,16 @@ def tiny():
 
     with torch.inference_mode():
         return comfy_host.tiny_model(), comfy_host.tiny_clip()
+
+
+@pytest.fixture(scope="session")
+def checkpoint():
+    """An SD1.5-detected checkpoint, generated once per machine (never committed)."""
+    import torch
+
+    path = comfy_host.HOST / "models" / "checkpoints" / "mace_test_sd15.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.inference_mode():
+            comfy_host.write_sd15_checkpoint(path)
+    return path

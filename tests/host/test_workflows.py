@@ -51,19 +51,6 @@ def test_committed_workflows_match_their_generator(object_info):
 
 
 @pytest.fixture(scope="session")
-def checkpoint():
-    """An SD1.5-detected checkpoint, generated once per machine (never committed)."""
-    import torch
-
-    path = comfy_host.HOST / "models" / "checkpoints" / "mace_test_sd15.safetensors"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with torch.inference_mode():
-            comfy_host.write_sd15_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="session")
 def server_base(tmp_path_factory, checkpoint):
     """A ComfyUI base directory holding only this pack and the test checkpoint."""
     base = tmp_path_factory.mktemp("comfy_base")
