@@ -12,12 +12,12 @@ All figures of one run come from the same process on the same machine; compare r
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
-import sys
-import json
 import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 

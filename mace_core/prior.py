@@ -1,6 +1,7 @@
 """Generic prompts whose per-token features define what the edit must leave alone (the preservation prior).
 
-The paper used hundreds of thousands of image captions; 160 varied prompts (12k token features), written for this project,
+The paper used hundreds of thousands of image captions; 160 varied prompts (12k token features), written for
+this project,
 span the everyday directions of the text space well enough for a ridge-like prior. The mean second moment depends
 only on the text encoder, so hosts cache it per encoder.
 """

@@ -9,13 +9,12 @@ import logging
 import os
 import re
 
-import torch
-from safetensors.torch import load_file, save_file
-
 import comfy.lora
 import comfy.model_management as mm
 import comfy.utils
 import folder_paths
+import torch
+from safetensors.torch import load_file, save_file
 
 from ..mace_core.errors import MaceInputError
 

@@ -99,10 +99,10 @@ def _init_(module, seed, std=None):
 
 def tiny_model(dtype=None, seed=0, **cfg):
     """A real SD1.5 ModelPatcher (comfy.supported_models.SD15) with toy widths."""
-    import torch
+    import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
-    import comfy.model_management as mm
+    import torch
 
     dtype = dtype or torch.float32
     conf = comfy.supported_models.SD15(tiny_unet_config(**cfg))
@@ -110,14 +110,15 @@ def tiny_model(dtype=None, seed=0, **cfg):
     model = conf.get_model({})
     _init_(model.diffusion_model, seed)
     model.diffusion_model.to(dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
 
 
 def tiny_clip(dtype=None, seed=0, width=64):
     """A real comfy.sd.CLIP for SD1.x with the bundled tokenizer and a 2-layer text model."""
-    import torch
     import comfy.sd
     import comfy.sd1_clip
+    import torch
 
     dtype = dtype or torch.float32
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
@@ -142,11 +143,11 @@ def tiny_vae(seed=0):
 def write_sd15_checkpoint(path, seed=0):
     """A checkpoint CheckpointLoaderSimple detects as SD1.5: model_channels 320 and context_dim 768 (what detection
     keys on) but one level, one res block and no middle block, the full CLIP-L, a TAESD VAE; fp16, ~275 MiB."""
+    import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models
-    import comfy.model_management as mm
     import torch
 
     cfg = tiny_unet_config(model_channels=320, context_dim=768, channel_mult=(1,), transformer_depth_middle=-2)

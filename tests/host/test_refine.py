@@ -2,10 +2,9 @@
 
 import sys
 
+import comfy_host
 import pytest
 import torch
-
-import comfy_host
 
 NODE = "MACERefineCrossAttention"
 

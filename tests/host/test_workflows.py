@@ -5,9 +5,8 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-
 import comfy_host
+import pytest
 
 sys.path.insert(0, str(comfy_host.PACK / "scripts"))
 from comfy_server import ComfyServer, error_text  # noqa: E402
