@@ -1,9 +1,8 @@
 """Generic prompts whose per-token features define what the edit must leave alone (the preservation prior).
 
-The paper used hundreds of thousands of image captions; 160 varied prompts (12k token features), written for
-this project,
-span the everyday directions of the text space well enough for a ridge-like prior. The mean second moment depends
-only on the text encoder, so hosts cache it per encoder.
+The paper used hundreds of thousands of image captions; 160 varied prompts (12k token features), written for this
+project, span the everyday directions of the text space well enough for a ridge-like prior. The mean second moment
+depends only on the text encoder, so hosts cache it per encoder.
 """
 
 import itertools
