@@ -19,24 +19,31 @@ def edit_moments(concepts: list[Concept], enc: TextEncoder, progress: Callable[[
 
     Concepts are visited grouped by (anchor, type), so each anchor's prompts are encoded once and only one anchor's
     features are held at a time, however many distinct anchors a long list has (the sums do not depend on order)."""
-    m = Moments(enc.dim)
+    m = None
     groups: dict[tuple[str, str], list[Concept]] = {}
     for c in concepts:
         groups.setdefault((c.anchor, c.family), []).append(c)
     for members in groups.values():
         ids_new, e_new = enc.encode(members[0].prompts(anchor=True))
+        if m is None:  # accumulate where the encoder computes (a GPU's float64 products, not a copy to the CPU)
+            m = Moments(enc.dim, device=e_new.device)
         for c in members:
             _add_concept(m, c, ids_new, e_new, enc, progress)
         del ids_new, e_new
-    return m
+    return m if m is not None else Moments(enc.dim)
 
 
 def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progress):
     old_prompts = c.prompts()
     ids_old, e_old = enc.encode(old_prompts)
+    # all of the concept's aligned pairs in one product (one launch per concept on a GPU, not one per prompt)
+    rows_old, rows_new = [], []
     for k in range(len(old_prompts)):
         i_old, i_new = align_pairs(ids_old[k], ids_new[k], enc.end_id)
-        m.add(e_old[k, i_old], e_new[k, i_new])
+        rows_old.append(i_old + k * e_old.shape[1])
+        rows_new.append(i_new + k * e_new.shape[1])
+    m.add(e_old.reshape(-1, e_old.shape[-1])[torch.cat(rows_old).to(e_old.device)],
+          e_new.reshape(-1, e_new.shape[-1])[torch.cat(rows_new).to(e_new.device)])
     if progress:
         progress()
 

@@ -260,7 +260,8 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50
                     resume.save(i, loras[i])
         finally:
             if tm is not None:
-                tm.release()
+                with torch.inference_mode():  # unload as the executor would: weights go back as inference tensors
+                    tm.release()
     if resume is not None:
         log.info("MACE train: %d of %d concepts loaded from %s, %d trained", len(items) - len(todo), len(items),
                  resume.folder, len(todo))

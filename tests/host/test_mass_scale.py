@@ -38,11 +38,15 @@ def one_thread():
 
 @pytest.fixture(autouse=True)
 def unloaded():
+    """No model loaded before or after a test. Unloaded under inference mode, as the executor does: on a GPU the
+    weights move back to the CPU, and moving inference tensors outside inference mode leaves them unusable."""
     import comfy.model_management as mm
 
-    mm.unload_all_models()
+    with torch.inference_mode():
+        mm.unload_all_models()
     yield
-    mm.unload_all_models()
+    with torch.inference_mode():
+        mm.unload_all_models()
 
 
 @pytest.fixture()
@@ -167,8 +171,8 @@ def test_inputs_added_last_and_optional(pack):
 def test_thousand_concept_refine_from_a_file_streams(pack, mods, tiny, input_dir, monkeypatch):
     model, clip = tiny
     (input_dir / "thousand.csv").write_text(big_csv())
-    enc = mods.host.clip_encoder(clip)
-    with torch.inference_mode():
+    with torch.inference_mode():  # as the executor runs nodes (the tiny CLIP's weights are inference tensors)
+        enc = mods.host.clip_encoder(clip)
         pack[REFINE].execute(model, clip, "Claude Monet", "style", "", "", 1.0, 0.01)  # prior cached before measuring
         watch = MemoryWatch(enc, monkeypatch)
         t0 = time.perf_counter()
@@ -191,8 +195,10 @@ def test_thousand_concept_refine_from_a_file_streams(pack, mods, tiny, input_dir
 def test_thousand_lora_fusion_streams(pack, mods, tiny, monkeypatch):
     model, clip = tiny
     host, lb = mods.host, mods.bundle
-    keys = host.cross_attention_keys(model, clip)
-    w0 = host.original_weights(model, keys)
+    with torch.inference_mode():
+        keys = host.cross_attention_keys(model, clip)
+        enc = host.clip_encoder(clip)
+        w0 = {k: w.clone() for k, w in host.original_weights(model, keys).items()}
     g = torch.Generator().manual_seed(0)
     an = anchors()
     loras = []
@@ -201,7 +207,6 @@ def test_thousand_lora_fusion_streams(pack, mods, tiny, monkeypatch):
         down = {k: torch.randn(1, w.shape[1], generator=g) / w.shape[1] ** 0.5 for k, w in w0.items()}
         loras.append(lb.ConceptLoRA(name, an[i % len(an)], FAMILIES[i % 4], 1, 50, up, down))
     bundle = lb.LoRABundle(loras, "")
-    enc = host.clip_encoder(clip)
     with torch.inference_mode():
         pack[FUSE].execute(model, clip, lb.LoRABundle(loras[:1], ""), "", 1.0, 0.01)  # prior cached
         watch = MemoryWatch(enc, monkeypatch)
@@ -237,7 +242,8 @@ def test_mixed_list_gives_each_concept_its_own_templates_and_anchor(pack, mods, 
                 "Mickey Mouse": ("a mouse", "object"), "nudity": ("a person wearing clothes", "explicit"),
                 "Van Gogh": ("a painter", "style")}
     box = "Van Gogh => a painter | style"
-    enc = mods.host.clip_encoder(clip)
+    with torch.inference_mode():
+        enc = mods.host.clip_encoder(clip)
     encoded = []
     real = enc.encode
     monkeypatch.setattr(enc, "encode", lambda prompts: (encoded.extend(prompts), real(prompts))[1])
@@ -315,6 +321,14 @@ def _train(pack, model, clip, n, folder="", steps=2, seed=3):
                                    "uniform", 2, "whole image", latents=lat, resume_folder=folder).result[0]
 
 
+def exact_device() -> bool:
+    """CPU training is bitwise reproducible; CUDA kernels (atomics in backward) are not run to run, so there two
+    uninterrupted runs differ as much as a resumed and an uninterrupted one."""
+    import comfy.model_management as mm
+
+    return mm.get_torch_device().type == "cpu"
+
+
 def _same(a, b):
     assert a.concepts == b.concepts
     for x, y in zip(a.loras, b.loras):
@@ -359,12 +373,13 @@ def test_interrupted_training_resumes_where_it_stopped(pack, mods, tiny, loras_d
     assert len(trained) == 2, "only the two missing concepts are trained"
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors") if p.name in mtimes} == mtimes
     assert len(list(folder.glob("*.safetensors"))) == 4
-    _same(resumed, full)
+    if exact_device():
+        _same(resumed, full)  # same seed: the same LoRAs as the uninterrupted run
 
     trained.clear()
     again = _train(pack, model, clip, 4, "mace/run1")
     assert not trained, "everything loaded"
-    _same(again, full)
+    _same(again, resumed)  # the files give back exactly what was trained, on any device
 
     trained.clear()
     other = _train(pack, model, clip, 4, "mace/run1", steps=3)
@@ -382,8 +397,10 @@ def test_appending_concepts_trains_only_the_new_ones(pack, mods, tiny, loras_dir
     assert len(trained) == 2
     _same(type(full)(full.loras[:2], full.base), first)
     trained.clear()
-    _same(full, _train(pack, model, clip, 4))  # the same as one uninterrupted run without a folder
+    plain = _train(pack, model, clip, 4)
     assert len(trained) == 4
+    if exact_device():
+        _same(full, plain)  # the same as one uninterrupted run without a folder
     with pytest.raises(Exception, match="outside models/loras") as e:
         _train(pack, model, clip, 1, "../elsewhere")
     assert e.value.input_name == "resume_folder"
