@@ -8,6 +8,7 @@ import hashlib
 import logging
 import os
 import re
+import weakref
 
 import comfy.lora
 import comfy.model_management as mm
@@ -97,16 +98,18 @@ class ClipEncoder:
     """
 
     def __init__(self, clip, batch: int = 32):
-        self.clip = clip
+        self._clip = weakref.ref(clip)  # the per-CLIP cache below must not keep ComfyUI's CLIP alive
         self.batch = batch
         probe = clip.tokenize("a", disable_weights=True, return_word_ids=True)
         self._key = next(iter(probe))
         window = probe[self._key][0]
-        self.context_length = len(window)
-        self.end_id = int(window[2][0])
-        self.dim = None
+        self.context_length, self.end_id = len(window), int(window[2][0])  # [start, "a", end, ...]
         _, feats = self.encode(["a"])
         self.dim = int(feats.shape[-1])
+
+    @property
+    def clip(self):
+        return self._clip()
 
     def token_count(self, text: str) -> int:
         toks = self.clip.tokenize(text, disable_weights=True, return_word_ids=True)[self._key]
@@ -125,13 +128,14 @@ class ClipEncoder:
         return ids_all, torch.cat(feats_all)
 
 
-_ENCODERS: dict[int, ClipEncoder] = {}
+_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def clip_encoder(clip) -> ClipEncoder:
-    enc = _ENCODERS.get(id(clip))
-    if enc is None or enc.clip is not clip:
-        enc = _ENCODERS[id(clip)] = ClipEncoder(clip)
+    """One encoder per CLIP object, forgotten when ComfyUI frees that CLIP."""
+    enc = _ENCODERS.get(clip)
+    if enc is None:
+        enc = _ENCODERS[clip] = ClipEncoder(clip)
     return enc
 
 

@@ -25,13 +25,15 @@ log = logging.getLogger("mace-erase")
 
 
 def link_pack(base: Path):
-    """ComfyUI loads custom nodes from its custom_nodes folder: make sure this checkout is there."""
+    """ComfyUI loads custom nodes from its custom_nodes folder: make sure this checkout is the one linked there."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / "comfyui-mace"
-    if link.resolve() != HERE.parent:
-        if link.is_symlink() or link.exists():
-            raise SystemExit(f"{link} exists and is not this checkout; remove it or run from that checkout.")
+    if link.is_symlink() and link.resolve() != HERE.parent:
+        link.unlink()  # a link to another (or a removed) checkout: point it here
+    if not link.exists():
         link.symlink_to(HERE.parent)
+    elif link.resolve() != HERE.parent:
+        raise SystemExit(f"{link} is another copy of the pack; remove it or run mace-erase from that copy.")
 
 
 def place_checkpoint(base: Path, path: str) -> str:

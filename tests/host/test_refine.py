@@ -169,3 +169,17 @@ def test_clip_of_another_width_is_refused(pack, tiny):
         wide = comfy_host.tiny_clip(width=96)
     with pytest.raises(ValueError, match="input 'clip'"):
         run(pack, model, wide)
+
+
+def test_encoder_cache_does_not_keep_a_clip_alive(pack_module):
+    import gc
+    import weakref
+
+    host = host_mod(pack_module)
+    with torch.inference_mode():
+        clip = comfy_host.tiny_clip()
+    assert host.clip_encoder(clip) is host.clip_encoder(clip)
+    ref = weakref.ref(clip)
+    del clip
+    gc.collect()
+    assert ref() is None, "ComfyUI must be able to free a CLIP the pack has encoded with"
