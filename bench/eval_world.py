@@ -28,8 +28,8 @@ import comfy_host  # noqa: E402
 log = logging.getLogger("eval_world")
 FAMILY = {"object": "object", "person": "celebrity", "style": "style"}
 # Erasure order: families interleaved, so every count mixes them (fixed, so runs compare).
-ORDER = ["Alba Moreno", "red lantern", "dotwork style", "blue teapot", "Tomas Lindqvist", "mosaic tile style",
-         "green cactus", "Priya Raman"]
+ORDER = ["Tomas Lindqvist", "red lantern", "dotwork style", "golden crown", "Priya Raman", "mosaic tile style",
+         "green cactus", "Nadia Okafor"]
 
 
 def boot():

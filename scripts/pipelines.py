@@ -89,7 +89,7 @@ def _prompt(concepts: str, concept_type: str) -> str:
 
 # The concept world (MACEConceptWorld): 64x64 images, a model that really learned its concepts; what mace-erase
 # uses when no checkpoint is given.
-WORLD_DEFAULT = {"concepts": "Alba Moreno", "concept_type": "celebrity", "preserve": "", "size": 64,
+WORLD_DEFAULT = {"concepts": "Tomas Lindqvist", "concept_type": "celebrity", "preserve": "", "size": 64,
                  "sample_steps": 20, "steps": 50, "learning_rate": 1e-4}
 
 
