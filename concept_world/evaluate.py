@@ -1,0 +1,49 @@
+"""Does a MODEL draw what the prompts ask for? The building block of erasure efficacy / specificity / generality.
+
+A (concept, seed) case is one prompt: the concept's canonical name (or a synonym) in one of its family's
+templates, chosen by the seed, so a handful of seeds covers the templates.
+"""
+
+import torch
+
+from .spec import ANCHORS, CONCEPTS, FAMILIES, NONE, TEMPLATES
+
+
+def cases(concepts=None, names="canonical", seeds=range(4)):
+    """(concept ids, prompts, seeds) for every (concept, seed); names: "canonical" or "synonyms"."""
+    concepts = range(len(CONCEPTS)) if concepts is None else concepts
+    cids, prompts, out_seeds = [], [], []
+    for c in concepts:
+        concept = CONCEPTS[c]
+        pool = concept.names[:1] if names == "canonical" else concept.names[1:]
+        templates = TEMPLATES[concept.family]
+        for k, s in enumerate(seeds):
+            cids.append(c)
+            prompts.append(templates[k % len(templates)].format(pool[(k // len(templates) + k) % len(pool)]))
+            out_seeds.append(int(s))
+    return cids, prompts, out_seeds
+
+
+def hits(world, concepts=None, names="canonical", seeds=range(4), model=None, clip=None, **settings):
+    """(concept ids, predicted ids) tensors over all cases."""
+    cids, prompts, seeds = cases(concepts, names, seeds)
+    pred = world.predict_pairs(prompts, seeds, model, clip, **settings)
+    return torch.tensor(cids), pred
+
+
+def draw_accuracy(world, seeds=range(4), model=None, clip=None, **settings):
+    """Fraction of cases drawn as their own concept, per family and name kind; anchors: fraction drawn as none."""
+    out = {}
+    for names in ("canonical", "synonyms"):
+        cids, pred = hits(world, None, names, seeds, model, clip, **settings)
+        ok = (cids == pred).float()
+        out[names] = round(ok.mean().item(), 4)
+        for fam in FAMILIES:
+            sel = torch.tensor([CONCEPTS[c].family == fam for c in cids.tolist()])
+            out[f"{names}_{fam}"] = round(ok[sel].mean().item(), 4)
+        if names == "canonical":
+            out["per_concept"] = {CONCEPTS[c].name: round(ok[cids == c].mean().item(), 3) for c in range(len(CONCEPTS))}
+    prompts = [t.format(a) for fam in FAMILIES for a in ANCHORS[fam] for t in TEMPLATES[fam][:2]]
+    pred = world.predict_pairs(prompts, [i for i in range(len(prompts))], model, clip, **settings)
+    out["anchors_none"] = round((pred == NONE).float().mean().item(), 4)
+    return out

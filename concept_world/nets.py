@@ -1,0 +1,138 @@
+"""The world's networks, built from ComfyUI's own classes at toy width: an SD1.5 UNet and an SD1 CLIP-L text model.
+
+ComfyUI never initialises weights (its ops skip reset_parameters), so every builder here takes a generator.
+"""
+
+import torch
+
+# The keys comfy.model_detection.detect_unet_config yields for an SD1.x UNet; SD15's extra config then sets 8 heads.
+UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 64,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+    "num_head_channels": 16,
+}
+
+# Overrides of ComfyUI's sd1_clip_config.json (CLIP-L: 768 wide, 12 layers)
+CLIP_CONFIG = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+               "num_hidden_layers": 2, "projection_dim": 64}
+
+# residual branch outputs start at zero so every block starts as identity (as SD's own init does)
+_ZERO_SUFFIXES = ("out_layers.3.weight", "proj_out.weight", "out.2.weight", "attn1.to_out.0.weight",
+                  "attn2.to_out.0.weight", "ff.net.2.weight")
+
+
+def init_unet_(unet, g):
+    with torch.no_grad():
+        for name, p in sorted(unet.named_parameters(), key=lambda kv: kv[0]):
+            if p.ndim >= 2:
+                if name.endswith(_ZERO_SUFFIXES):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def init_clip_(clip_model, g):
+    with torch.no_grad():
+        for name, p in sorted(clip_model.named_parameters(), key=lambda kv: kv[0]):
+            if name.endswith("token_embedding.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif name.endswith("position_embedding.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            elif name.endswith("logit_scale"):
+                p.fill_(4.6055)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def new_base_model():
+    """An SD1.5 BaseModel (ComfyUI class) with the world's UNet config, v-prediction, weights uninitialised.
+
+    v-prediction, not SD1.5's epsilon: at high noise an epsilon model must reproduce its input exactly, and
+    whatever a briefly trained toy UNet misses there (the finest 8x8 noise patterns) the sampler multiplies
+    by sigma_max (14.6) and leaves in the picture. A v model predicts the image itself there.
+    """
+    import comfy.model_base
+    import comfy.supported_models
+
+    conf = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    conf.set_inference_dtype(torch.float32, None)
+    return comfy.model_base.BaseModel(conf, model_type=comfy.model_base.ModelType.V_PREDICTION)
+
+
+def patcher(base_model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(base_model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def new_clip():
+    """comfy.sd.CLIP for SD1 with the bundled tokenizer and the toy text model, weights uninitialised."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    return comfy.sd.CLIP(target, model_options={"dtype": torch.float32, "clip_l_model_config": dict(CLIP_CONFIG)})
+
+
+def token_ids(clip, text):
+    """The 77 token ids ComfyUI feeds the text model for a prompt (as CLIPTextEncode tokenizes it)."""
+    tokens = clip.tokenize(text)["l"]
+    assert len(tokens) == 1 and all(w == 1.0 for _, w in tokens[0]), "world prompts: one chunk, no weights"
+    return [int(t[0]) for t in tokens[0]]
+
+
+def encode_ids(clip, ids, token_embeds=None):
+    """Differentiable per-token context (B, 77, dim) for token ids (B, 77), equal to what CLIPTextEncode gives.
+
+    ComfyUI's CLIPLayer adds its residuals in place (fine for inference, fatal for autograd), so the layers'
+    own submodules are chained here with out-of-place residual adds. token_embeds (B, 77, dim) replaces the
+    token-embedding lookup (training keeps a compact table of the few tokens the world uses).
+    """
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+
+    tm = clip.cond_stage_model.clip_l.transformer.text_model
+    if token_embeds is None:
+        x = tm.embeddings(ids, dtype=torch.float32)
+    else:
+        x = token_embeds + tm.embeddings.position_embedding.weight[: ids.shape[1]]
+    n = ids.shape[1]
+    causal = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
+    attention = optimized_attention_for_device(x.device, mask=True, small_input=True)
+    for layer in tm.encoder.layers:
+        x = x + layer.self_attn(layer.layer_norm1(x), causal, attention)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return tm.final_layer_norm(x)
+
+
+def sdpa_override(func, *args, **kwargs):
+    """transformer_options["optimized_attention_override"]: PyTorch SDPA instead of ComfyUI's CPU default
+    (sub-quadratic chunking, which saves memory the 8x8 latents never need and costs about half the speed)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)

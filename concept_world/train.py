@@ -1,0 +1,287 @@
+"""Training the concept world: decoder, then UNet + text encoder jointly, then the classifier.
+
+Everything is drawn from generators seeded by the world seed, so one seed gives one world. Training runs with
+gradients even when called from a node (ComfyUI executes nodes under inference_mode).
+"""
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import autoencoder, classifier, nets, render
+from .spec import ANCHORS, CONCEPTS, TEMPLATES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    ae_steps: int
+    ae_batch: int
+    diff_steps: int
+    diff_batch: int
+    cls_steps: int
+    cls_batch: int
+    recon_pool: int
+    eval_renders: int  # held-out renders per target for the classifier's accuracy
+    lr: float = 1e-3
+
+
+PRESETS = {
+    "full": Preset("full", ae_steps=160, ae_batch=32, diff_steps=1300, diff_batch=64, cls_steps=300, cls_batch=64,
+                   recon_pool=768, eval_renders=8),
+    # seconds: only checks that every phase runs and the result loads into ComfyUI
+    "smoke": Preset("smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3, cls_batch=8,
+                    recon_pool=8, eval_renders=1),
+}
+
+UNCOND_P = 0.1  # prompt dropout to "" so classifier-free guidance works
+MIN_SNR_GAMMA = 5.0
+
+
+def _phase_gen(seed, phase):
+    return torch.Generator().manual_seed(seed * 7919 + phase)
+
+
+def _target_weights():
+    # concepts 80 %, each generic 5 %, blank background 5 %
+    w = torch.full((render.N_TARGETS,), 0.05)
+    w[: render.N] = 0.8 / render.N
+    return w
+
+
+def sample_targets(g, n):
+    return torch.multinomial(_target_weights(), n, replacement=True, generator=g).tolist()
+
+
+def prompt_table():
+    """Per render target, the prompts it is trained under (concept names or family anchors in templates)."""
+    table = []
+    for c in CONCEPTS:
+        table.append([t.format(n) for n in c.names for t in TEMPLATES[c.family]])
+    for fam in ("object", "person", "style"):
+        table.append([t.format(a) for a in ANCHORS[fam] for t in TEMPLATES[fam]])
+    table.append([""])  # blank background: only the empty prompt
+    return table
+
+
+class _Hooks:
+    """Progress bar and interruption, when running inside ComfyUI's executor."""
+
+    def __init__(self, total):
+        import comfy.utils
+
+        self.bar = comfy.utils.ProgressBar(total)
+
+    def __call__(self, _step):
+        import comfy.model_management
+
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update(1)
+
+
+def _train_diffusion(base, clip, preset, g, hooks):
+    unet = base.diffusion_model
+    text = clip.cond_stage_model
+    table = prompt_table()
+    ids = {p: nets.token_ids(clip, p) for prompts in table for p in prompts}
+    # the world uses ~100 of the 49408 tokens: train a compact copy of their rows (a dense Adam step over the
+    # whole table would cost more than the text encoder itself) and write it back at the end
+    token_table = text.clip_l.transformer.text_model.embeddings.token_embedding.weight
+    vocab = sorted({i for seq in ids.values() for i in seq})
+    remap = torch.zeros(token_table.shape[0], dtype=torch.long)
+    remap[vocab] = torch.arange(len(vocab))
+    compact = torch.nn.Parameter(token_table.detach()[vocab].clone())
+    params = list(unet.parameters()) + [p for p in text.parameters() if p is not token_table] + [compact]
+    for p in params:
+        p.requires_grad_(True)
+    unet.train()
+    text.train()
+    opt = torch.optim.AdamW(params, lr=preset.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=preset.lr, total_steps=max(preset.diff_steps, 1),
+                                                pct_start=0.05)
+    ema = [p.detach().clone() for p in params]
+    sigmas = base.model_sampling.sigmas.float()
+    b = preset.diff_batch
+    topts = {"optimized_attention_override": nets.sdpa_override}
+    loss_ema = None
+    for step in range(preset.diff_steps):
+        targets = sample_targets(g, b)
+        images, _ = render.render(targets, g)
+        z = autoencoder.latent_of(images)
+        drop = (torch.rand(b, generator=g) < UNCOND_P).tolist()
+        prompts = []
+        for t, d in zip(targets, drop):
+            choices = table[t]
+            prompts.append("" if d else choices[int(torch.randint(len(choices), (), generator=g))])
+        uniq = sorted(set(prompts))
+        uniq_ids = torch.tensor([ids[p] for p in uniq])
+        ctx_u = nets.encode_ids(clip, uniq_ids, compact[remap[uniq_ids]])
+        ctx = ctx_u[torch.tensor([uniq.index(p) for p in prompts])]
+        t_idx = torch.randint(0, len(sigmas), (b,), generator=g)
+        sigma = sigmas[t_idx].view(b, 1, 1, 1)
+        eps = torch.randn(z.shape, generator=g)
+        # input scaling as ComfyUI's ModelSamplingDiscrete feeds the UNet; target v, so that its
+        # V_PREDICTION.calculate_denoised(sigma, v, x) gives back z
+        scale = (sigma**2 + 1).sqrt()
+        x_in = (z + sigma * eps) / scale
+        v = (eps - sigma * z) / scale
+        pred = unet(x_in, t_idx.float(), context=ctx, transformer_options=topts)
+        # the image error counts clamp(SNR, 1, 5) times (v-MSE counts it SNR + 1 times): min-SNR-5 (Hang et al.
+        # 2023) keeps nearly clean steps from dominating, the floor of 1 (truncated SNR, Salimans & Ho 2022) keeps
+        # the noisy steps, which decide what is drawn where, from being ignored
+        snr = sigma.view(b) ** -2
+        weight = snr.clamp(min=1.0, max=MIN_SNR_GAMMA) / (snr + 1)
+        loss = (weight * (pred.float() - v).pow(2).mean((1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(0.995, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        if (step + 1) % max(preset.diff_steps // 4, 1) == 0:
+            log.info("concept world: diffusion step %d/%d loss %.4f", step + 1, preset.diff_steps, loss_ema)
+        hooks(step)
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+            p.requires_grad_(False)
+        token_table[vocab] = compact.detach()
+    unet.eval()
+    text.eval()
+    return loss_ema
+
+
+def _recon_pool(taesd, n, g, batch=64):
+    images, labels = [], []
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            targets = sample_targets(g, min(batch, n - i))
+            x, _ = render.render(targets, g)
+            z = autoencoder.latent_of(x)
+            # sampled latents are never exact: the classifier sees the decoder's rendering of noisy ones too
+            z = z + torch.rand(z.shape[0], 1, 1, 1, generator=g) * 0.3 * torch.randn(z.shape, generator=g)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = autoencoder.decode01(taesd, z)
+            images.append(out.float().clamp(0, 1).half())
+            labels += [render.class_of(t) for t in targets]
+    return torch.cat(images), torch.tensor(labels)
+
+
+def _jitter(images, g):
+    """Saturation, contrast and brightness jitter and some blur: guidance strength shifts exactly these, so the
+    classifier must judge shape and hue, not how vivid a sample came out."""
+    n = images.shape[0]
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(n, 1, 1, 1, generator=g)
+
+    grey = images.mean(1, keepdim=True)
+    images = grey + (images - grey) * u(0.7, 1.5)
+    images = (images - 0.5) * u(0.8, 1.25) + 0.5 + u(-0.06, 0.06)
+    blurred = F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    images = torch.where(torch.rand(n, 1, 1, 1, generator=g) < 0.3, blurred, images)
+    return images.clamp(0, 1)
+
+
+def classifier_accuracy(model, taesd, g, per_target):
+    """Held-out accuracy on fresh renders and on their VAE round trips, overall and per family."""
+    targets = [t for t in range(render.N_TARGETS) for _ in range(per_target)]
+    with torch.no_grad():
+        x, _ = render.render(targets, g)
+        rec = autoencoder.decode01(taesd, autoencoder.latent_of(x))
+        labels = torch.tensor([render.class_of(t) for t in targets])
+        out = {}
+        for kind, imgs in (("render", x), ("vae", rec)):
+            ok = model.predict(imgs) == labels
+            out[kind] = round(ok.float().mean().item(), 4)
+            for fam in ("object", "person", "style", "none"):
+                sel = torch.tensor([render.family_of(t) == fam if fam != "none" else t >= render.N for t in targets])
+                out[f"{kind}_{fam}"] = round(ok[sel].float().mean().item(), 4)
+    return out
+
+
+def _training_threads():
+    # Tiny ops on shared cores: an OpenMP thread whose core is busy stalls every op (measured here: 2 threads
+    # on 2 loaded cores ran 4-30x slower than 1). Use no more threads than there are idle cores.
+    n = torch.get_num_threads()
+    try:
+        idle = (os.cpu_count() or 1) - os.getloadavg()[0]
+    except OSError:
+        return n
+    return max(1, min(n, int(idle + 0.5)))
+
+
+def train_world(seed: int, preset: Preset):
+    """Train every part: (taesd, base_model, clip, classifier, metrics). Runs with gradients even when the
+    caller is under inference_mode (as ComfyUI's executor is)."""
+    before = torch.get_num_threads()
+    threads = _training_threads()
+    log.info("concept world: training on %d thread(s)", threads)
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return _train_world(seed, preset)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_world(seed, preset):
+    hooks = _Hooks(preset.ae_steps + preset.diff_steps + preset.cls_steps)
+    metrics = {"preset": asdict(preset), "seed": seed}
+    t_all, cpu_all = time.perf_counter(), time.process_time()
+
+    t0 = time.perf_counter()
+    g = _phase_gen(seed, 1)
+    taesd = autoencoder.build_taesd(g)
+    loss = autoencoder.train_decoder(taesd, lambda n: render.render(sample_targets(g, n), g)[0], preset.ae_steps, g,
+                                     batch=preset.ae_batch, progress=hooks)
+    metrics["decoder_loss"] = round(loss or 0.0, 5)
+    metrics["time_decoder_s"] = round(time.perf_counter() - t0, 1)
+    log.info("concept world: phase 1/3 decoder done in %.0f s", metrics["time_decoder_s"])
+
+    t0 = time.perf_counter()
+    g = _phase_gen(seed, 2)
+    base = nets.new_base_model()
+    nets.init_unet_(base.diffusion_model, g)
+    clip = nets.new_clip()
+    nets.init_clip_(clip.cond_stage_model, g)
+    loss = _train_diffusion(base, clip, preset, g, hooks)
+    metrics["diffusion_loss"] = round(loss or 0.0, 5)
+    metrics["time_diffusion_s"] = round(time.perf_counter() - t0, 1)
+    log.info("concept world: phase 2/3 UNet + text encoder done in %.0f s (loss %.4f)",
+             metrics["time_diffusion_s"], loss or 0.0)
+
+    t0 = time.perf_counter()
+    g = _phase_gen(seed, 3)
+    pool_x, pool_y = _recon_pool(taesd, preset.recon_pool, g)
+    cls = classifier.Classifier()
+    classifier.init_(cls, g)
+    half = preset.cls_batch // 2
+
+    def batch(_step):
+        targets = sample_targets(g, preset.cls_batch - half)
+        x, _ = render.render(targets, g)
+        idx = torch.randint(pool_x.shape[0], (half,), generator=g)
+        images = _jitter(torch.cat([x, pool_x[idx].float()]), g)
+        labels = torch.cat([torch.tensor([render.class_of(t) for t in targets]), pool_y[idx]])
+        return images, labels
+
+    classifier.train(cls, batch, preset.cls_steps, progress=hooks)
+    metrics["classifier"] = classifier_accuracy(cls, taesd, _phase_gen(seed, 4), preset.eval_renders)
+    metrics["time_classifier_s"] = round(time.perf_counter() - t0, 1)
+    metrics["time_train_s"] = round(time.perf_counter() - t_all, 1)
+    # wall time depends on what else runs on the machine; CPU seconds / threads is the quiet-machine figure
+    metrics["cpu_train_s"] = round(time.process_time() - cpu_all, 1)
+    metrics["threads"] = torch.get_num_threads()
+    log.info("concept world: phase 3/3 classifier done in %.0f s, held-out accuracy %s; total %.0f s",
+             metrics["time_classifier_s"], metrics["classifier"], metrics["time_train_s"])
+    return taesd, base, clip, cls, metrics

@@ -1,0 +1,185 @@
+"""The World: a trained concept world as ComfyUI objects, plus generation and judging helpers.
+
+    world = load_or_train(seed=0)                 # trains once (minutes), then loads from the models folder
+    ids = world.predict(["a photo of red lantern"], seeds=range(8), model=erased_model)   # (1, 8) class ids
+
+`predict` samples with ComfyUI's own sampler (comfy.sample.sample), decodes with the world's VAE and asks the
+classifier; any MODEL (e.g. a patched clone of world.model) and CLIP can be passed in.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from . import classifier as classifier_mod
+from . import nets, segment, spec, store
+
+log = logging.getLogger(__name__)
+
+LATENT_SHAPE = (4, 8, 8)  # 64 x 64 pixels
+
+
+@dataclass
+class SamplerSettings:
+    steps: int = 20
+    cfg: float = 3.0  # the toy model oversaturates colours at higher guidance
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+    negative: str = ""
+    batch_size: int = 128
+
+
+@dataclass
+class World:
+    seed: int
+    preset: str
+    path: str
+    model: object  # comfy.model_patcher.ModelPatcher (SD1.5 UNet)
+    clip: object  # comfy.sd.CLIP (SD1 tokenizer, toy CLIP-L)
+    vae: object  # comfy.sd.VAE (TAESD)
+    classifier: classifier_mod.Classifier
+    metrics: dict = field(default_factory=dict)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    spec = spec  # concepts, families, synonyms, templates, anchors, class names
+
+    # --- text -----------------------------------------------------------------------------------------------
+    def encode(self, prompts, clip=None):
+        """[(cond (1, 77, dim), pooled (1, dim))] per prompt, exactly as CLIPTextEncode computes them."""
+        clip = self.clip if clip is None else clip
+        return [clip.encode_from_tokens(clip.tokenize(p), return_pooled=True) for p in prompts]
+
+    # --- images ---------------------------------------------------------------------------------------------
+    def sample(self, prompts, seeds, model=None, clip=None, **settings):
+        """ComfyUI latents (len(prompts) * len(seeds), 4, 8, 8), prompt-major; noise depends only on each seed."""
+        seeds = [int(x) for x in seeds]
+        return self.sample_pairs([p for p in prompts for _ in seeds], seeds * len(prompts), model, clip, **settings)
+
+    def sample_pairs(self, prompts, seeds, model=None, clip=None, **settings):
+        """ComfyUI latents (N, 4, 8, 8) for N (prompt, seed) pairs, sampled in batches with comfy.sample.sample."""
+        import comfy.sample
+
+        assert len(prompts) == len(seeds)
+        s = SamplerSettings(**{**self.sampler.__dict__, **settings})
+        model = self.model if model is None else model
+        uniq = sorted(set(prompts))
+        with torch.no_grad():
+            conds = dict(zip(uniq, self.encode(uniq, clip)))
+            neg_c, neg_p = self.encode([s.negative], clip)[0]
+            items = list(zip(prompts, [int(x) for x in seeds]))
+            out = []
+            for start in range(0, len(items), s.batch_size):
+                chunk = items[start:start + s.batch_size]
+                # same noise as comfy.sample.prepare_noise(latent, seed) gives a one-image batch
+                noise = torch.cat([torch.randn((1,) + LATENT_SHAPE, generator=torch.Generator().manual_seed(sd))
+                                   for _, sd in chunk])
+                positive = [[torch.cat([conds[p][0] for p, _ in chunk]),
+                             {"pooled_output": torch.cat([conds[p][1] for p, _ in chunk])}]]
+                negative = [[neg_c, {"pooled_output": neg_p}]]
+                out.append(comfy.sample.sample(model, noise, s.steps, s.cfg, s.sampler_name, s.scheduler, positive,
+                                               negative, torch.zeros_like(noise), seed=chunk[0][1],
+                                               disable_pbar=True))
+        return torch.cat(out) if out else torch.zeros((0,) + LATENT_SHAPE)
+
+    def decode(self, latents):
+        """ComfyUI IMAGE (N, 64, 64, 3) in [0, 1]."""
+        with torch.no_grad():
+            return self.vae.decode(latents).reshape(-1, 64, 64, 3)
+
+    def generate(self, prompts, seeds, model=None, clip=None, **settings):
+        """Images (len(prompts), len(seeds), 64, 64, 3)."""
+        seeds = list(seeds)
+        images = self.decode(self.sample(prompts, seeds, model, clip, **settings))
+        return images.reshape(len(prompts), len(seeds), *images.shape[1:])
+
+    def classify(self, images):
+        """Class ids (index into spec.CLASS_NAMES; spec.NONE for no concept) of IMAGE tensors (..., H, W, 3)."""
+        flat = images.reshape(-1, *images.shape[-3:])
+        return self.classifier.predict(flat).reshape(images.shape[:-3])
+
+    def predict(self, prompts, seeds, model=None, clip=None, **settings):
+        """Class ids (len(prompts), len(seeds)) of what `model` draws for each prompt and seed."""
+        return self.classify(self.generate(prompts, seeds, model, clip, **settings))
+
+    def predict_pairs(self, prompts, seeds, model=None, clip=None, **settings):
+        """Class ids (N,) for N (prompt, seed) pairs."""
+        return self.classify(self.decode(self.sample_pairs(prompts, seeds, model, clip, **settings)))
+
+    def concept_masks(self, images, concept):
+        """Where a concept is in images (..., H, W, 3): foreground for objects/people, everything for styles."""
+        index = self.spec.concept_index(concept) if isinstance(concept, str) else int(concept)
+        if self.spec.CONCEPTS[index].family == "style":
+            return torch.ones(images.shape[:-1])
+        return segment.foreground(images)
+
+
+_cache = {}
+
+
+def _assemble(groups, meta, seed, preset, path):
+    import comfy.sd
+
+    base = nets.new_base_model()
+    base.diffusion_model.load_state_dict(groups["unet"], strict=True)
+    clip = nets.new_clip()
+    missing, _ = clip.load_sd(groups["clip"], full_model=True)
+    if missing:
+        raise ValueError(f"{path}: text encoder keys missing: {missing[:4]}")
+    vae = comfy.sd.VAE(sd=groups["vae"])
+    cls = classifier_mod.Classifier()
+    cls.load_state_dict(groups["classifier"])
+    cls.eval().requires_grad_(False)
+    model = nets.patcher(base)
+    model.model_options["transformer_options"]["optimized_attention_override"] = nets.sdpa_override
+    return World(seed=seed, preset=preset, path=path, model=model, clip=clip, vae=vae, classifier=cls,
+                 metrics=meta.get("metrics", {}))
+
+
+def load(path, seed=0, preset="full"):
+    groups, meta = store.load(path)
+    return _assemble(groups, meta, meta.get("seed", seed), meta.get("preset", preset), path)
+
+
+def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=None) -> World:
+    """The world for a seed: loaded from <models>/mace_world/ when there, else trained (minutes) and saved.
+
+    preset "full" is the real world; "smoke" trains for seconds and only proves the plumbing. cache_dir
+    overrides the folder (tests use a temporary one for smoke worlds). evaluate (default: full preset only)
+    measures how often the trained model draws the right concept and stores it in world.metrics.
+    """
+    from . import evaluate as evaluate_mod
+    from . import train
+
+    path = store.world_path(seed, preset, cache_dir)
+    key = (path, os.path.getmtime(path) if os.path.exists(path) else None)
+    if key[1] is not None and key in _cache:
+        return _cache[key]
+    with store.locked(path):
+        if os.path.exists(path):
+            try:
+                world = load(path, seed, preset)
+                log.info("concept world: loaded %s", path)
+            except ValueError as e:
+                log.warning("concept world: retraining, %s", e)
+                world = None
+        else:
+            world = None
+        if world is None:
+            log.info("concept world: training seed %d preset %s (saved to %s)", seed, preset, path)
+            taesd, base, clip, cls, metrics = train.train_world(seed, train.PRESETS[preset])
+            groups = {"unet": store.state_dict_f32(base.diffusion_model),
+                      "clip": store.state_dict_f32(clip.cond_stage_model),
+                      "vae": store.state_dict_f32(taesd), "classifier": store.state_dict_f32(cls)}
+            meta = {"seed": seed, "preset": preset, "spec": spec.as_dict(), "unet_config": nets.UNET_CONFIG,
+                    "clip_config": nets.CLIP_CONFIG, "prediction": "v", "sampler": SamplerSettings().__dict__,
+                    "metrics": metrics}
+            world = _assemble(groups, meta, seed, preset, path)
+            if (preset != "smoke") if evaluate is None else evaluate:
+                world.metrics["generation"] = evaluate_mod.draw_accuracy(world)
+                log.info("concept world: draws the right concept for %s", world.metrics["generation"])
+            meta["metrics"] = world.metrics
+            store.save(path, groups, meta)
+    _cache.clear()  # one world in memory at a time
+    _cache[(path, os.path.getmtime(path))] = world
+    return world

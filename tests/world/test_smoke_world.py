@@ -1,0 +1,89 @@
+"""A smoke-size world (seconds of training) must already be a working set of ComfyUI MODEL / CLIP / VAE."""
+
+import time
+
+import torch
+from world_support import pack_import
+
+
+def test_objects_are_comfyui_s_own(host, smoke_world):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.sd
+
+    assert isinstance(smoke_world.model, comfy.model_patcher.ModelPatcher)
+    assert isinstance(smoke_world.model.model, comfy.model_base.BaseModel)
+    assert isinstance(smoke_world.clip, comfy.sd.CLIP)
+    assert isinstance(smoke_world.vae, comfy.sd.VAE)
+    keys = smoke_world.model.model_state_dict().keys()
+    k = [x for x in keys if x.endswith("attn2.to_k.weight")]
+    assert len(k) == 7 and all(x.startswith("diffusion_model.") for x in k)  # 2 down, 1 middle, 4 up
+
+
+def test_build_is_deterministic(cw, smoke_world, tmp_path):
+    store = pack_import("concept_world.store")
+    again = cw.load_or_train(seed=3, preset="smoke", cache_dir=tmp_path)
+    a, meta_a = store.load(smoke_world.path)
+    b, meta_b = store.load(again.path)
+    assert meta_a["spec"] == meta_b["spec"]
+    for group in store.GROUPS:
+        assert a[group].keys() == b[group].keys()
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), (group, k)
+    other = store.load(cw.load_or_train(seed=4, preset="smoke", cache_dir=tmp_path).path)[0]
+    assert not torch.equal(other["unet"]["input_blocks.0.0.weight"], a["unet"]["input_blocks.0.0.weight"])
+
+
+def test_second_call_loads_from_the_file(cw, smoke_world, smoke_dir):
+    world_mod = pack_import("concept_world.world")
+    world_mod._cache.clear()
+    t0 = time.perf_counter()
+    again = cw.load_or_train(seed=3, preset="smoke", cache_dir=smoke_dir)
+    assert time.perf_counter() - t0 < 15
+    assert again is not smoke_world and again.path == smoke_world.path
+    sd_a = smoke_world.model.model.diffusion_model.state_dict()
+    sd_b = again.model.model.diffusion_model.state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert cw.load_or_train(seed=3, preset="smoke", cache_dir=smoke_dir) is again  # in-memory reuse
+
+
+def test_training_context_is_what_comfyui_encodes(smoke_world):
+    nets = pack_import("concept_world.nets")
+    clip = smoke_world.clip
+    prompts = ["a photo of red lantern", "Alba Moreno", "art in dotwork style", ""]
+    ids = torch.tensor([nets.token_ids(clip, p) for p in prompts])
+    with torch.no_grad():
+        ours = nets.encode_ids(clip, ids)
+        comfy = torch.cat([clip.encode_from_tokens(clip.tokenize(p)) for p in prompts])
+    assert ours.shape == comfy.shape == (4, 77, 64)
+    assert torch.allclose(ours, comfy, atol=1e-5)
+
+
+def test_samples_and_decodes_through_comfyui_nodes(host, smoke_world):
+    import nodes
+
+    with torch.inference_mode():
+        pos = nodes.CLIPTextEncode().encode(smoke_world.clip, "a photo of red lantern")[0]
+        neg = nodes.CLIPTextEncode().encode(smoke_world.clip, "")[0]
+        latent = nodes.EmptyLatentImage().generate(64, 64, 2)[0]
+        out = nodes.common_ksampler(smoke_world.model, 7, 3, 5.0, "euler", "normal", pos, neg, latent)[0]
+        images = nodes.VAEDecode().decode(smoke_world.vae, out)[0]
+        again = nodes.VAEEncode().encode(smoke_world.vae, images)[0]["samples"]
+    assert out["samples"].shape == (2, 4, 8, 8)
+    assert images.shape == (2, 64, 64, 3) and torch.isfinite(images).all()
+    assert again.shape == (2, 4, 8, 8)
+
+
+def test_world_helpers_generate_and_classify(smoke_world):
+    spec = smoke_world.spec
+    ids = smoke_world.predict(["a photo of red lantern", "dotwork style"], seeds=[0, 1, 2], steps=3)
+    assert ids.shape == (2, 3) and ids.dtype == torch.long
+    assert 0 <= ids.min() and ids.max() <= spec.NONE
+    # a prompt's image depends on its own seed only, not on what shares the batch
+    one = smoke_world.sample(["dotwork style"], [2], steps=3)
+    both = smoke_world.sample(["a photo of red lantern", "dotwork style"], [2], steps=3)
+    assert torch.allclose(one[0], both[1], atol=1e-4)
+    images = smoke_world.generate(["red lantern"], [0], steps=2)
+    assert images.shape == (1, 1, 64, 64, 3)
+    assert smoke_world.concept_masks(images, "red lantern").shape == (1, 1, 64, 64)
+    assert smoke_world.concept_masks(images, "stipple style").min() == 1
