@@ -20,12 +20,11 @@ from ..mace_core.lora_bundle import ConceptLoRA, LoRABundle
 from ..mace_core.text import check_concepts
 from ..mace_core.train import TrainConfig, concept_generator, init_lora, train_task
 from . import attention, host
-from .loras import inside, loras_root, slug
+from .loras import MaceLoras, inside, loras_root, slug
 from .refine import concept_file_fingerprint, concept_file_input, concept_inputs, read_concepts
 
 log = logging.getLogger("MACE")
 
-MaceLoras = io.Custom("MACE_LORAS")
 MASK_SOURCES = ("auto", "given", "attention", "whole image")
 
 
