@@ -49,3 +49,44 @@ def checkpoint():
         with torch.inference_mode():
             comfy_host.write_sd15_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def mods(pack_module):
+    """The pack's modules by short name (mods.train, mods.host, ...), as ComfyUI imported them."""
+    import types
+
+    name = pack_module.__name__
+    paths = {"host": "nodes.host", "refine": "nodes.refine", "train": "nodes.train", "att": "nodes.attention",
+             "fuse": "nodes.fuse", "concepts": "mace_core.concepts", "errors": "mace_core.errors",
+             "bundle": "mace_core.lora_bundle"}
+    return types.SimpleNamespace(**{k: sys.modules[f"{name}.{v}"] for k, v in paths.items()})
+
+
+@pytest.fixture()
+def unloaded():
+    """No model loaded before or after a test, so the shared tiny modules hold their original weights (a loaded
+    patched clone patches them in place until unloaded). Unloaded under inference mode, as the executor does: on a
+    GPU the weights move back to the CPU, and moving inference tensors outside inference mode leaves them unusable."""
+    import comfy.model_management as mm
+    import torch
+
+    with torch.inference_mode():
+        mm.unload_all_models()
+    yield
+    with torch.inference_mode():
+        mm.unload_all_models()
+
+
+@pytest.fixture()
+def loras_dir(tmp_path, monkeypatch):
+    """models/loras redirected to a temporary folder, so tests never write into the host's own."""
+    import folder_paths
+
+    root = tmp_path / "loras"
+    root.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(root)], set(folder_paths.supported_pt_extensions)))
+    folder_paths.filename_list_cache.pop("loras", None)
+    yield root
+    folder_paths.filename_list_cache.pop("loras", None)

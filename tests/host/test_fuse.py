@@ -21,20 +21,6 @@ def mod(pack_module, name):
     return sys.modules[f"{pack_module.__name__}.{name}"]
 
 
-@pytest.fixture()
-def loras_dir(tmp_path, monkeypatch):
-    """models/loras redirected to a temporary folder, so tests never write into the host's own."""
-    import folder_paths
-
-    root = tmp_path / "loras"
-    root.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
-                        ([str(root)], set(folder_paths.supported_pt_extensions)))
-    folder_paths.filename_list_cache.pop("loras", None)
-    yield root
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
 def features(host, clip, name, family="celebrity", pack_module=None):
     templates = mod(pack_module, "mace_core.concepts").TEMPLATES[family]
     _, e = host.clip_encoder(clip).encode([t.format(name) for t in templates])

@@ -15,19 +15,6 @@ def mod(pack_module, name):
     return sys.modules[f"{pack_module.__name__}.{name}"]
 
 
-@pytest.fixture()
-def loras_dir(tmp_path, monkeypatch):
-    import folder_paths
-
-    root = tmp_path / "loras"
-    root.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
-                        ([str(root)], set(folder_paths.supported_pt_extensions)))
-    folder_paths.filename_list_cache.pop("loras", None)
-    yield root
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
 def bundle_for(pack_module, model, names=NAMES, rank=2, base=None):
     host, lb = mod(pack_module, "nodes.host"), mod(pack_module, "mace_core.lora_bundle")
     w0 = host.original_weights(model, host.cross_attention_keys(model))

@@ -11,7 +11,6 @@ import gc
 import itertools
 import logging
 import os
-import sys
 import time
 import weakref
 
@@ -27,26 +26,7 @@ log = logging.getLogger("MACE.test")
 RSS_BOUND = 96 * 2**20  # growth allowed over the run; holding per-concept features would take ~600 MB
 ALIVE_BOUND = 4  # encoder outputs alive at once (an anchor set, a concept); per-concept or per-anchor: 200+
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def unloaded():
-    """No model loaded before or after a test. Unloaded under inference mode, as the executor does: on a GPU the
-    weights move back to the CPU, and moving inference tensors outside inference mode leaves them unusable."""
-    import comfy.model_management as mm
-
-    with torch.inference_mode():
-        mm.unload_all_models()
-    yield
-    with torch.inference_mode():
-        mm.unload_all_models()
+pytestmark = pytest.mark.usefixtures("unloaded")
 
 
 @pytest.fixture()
@@ -60,32 +40,6 @@ def input_dir(tmp_path, monkeypatch):
     folder_paths.set_input_directory(str(root))
     yield root
     folder_paths.set_input_directory(old)
-
-
-@pytest.fixture()
-def loras_dir(tmp_path, monkeypatch):
-    import folder_paths
-
-    root = tmp_path / "loras"
-    root.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
-                        ([str(root)], set(folder_paths.supported_pt_extensions)))
-    folder_paths.filename_list_cache.pop("loras", None)
-    yield root
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
-@pytest.fixture(scope="module")
-def mods(pack_module):
-    name = pack_module.__name__
-
-    class M:
-        host = sys.modules[name + ".nodes.host"]
-        train = sys.modules[name + ".nodes.train"]
-        att = sys.modules[name + ".nodes.attention"]
-        concepts = sys.modules[name + ".mace_core.concepts"]
-        bundle = sys.modules[name + ".mace_core.lora_bundle"]
-    return M
 
 
 # ---------------------------------------------------------------- many distinct concepts

@@ -2,48 +2,15 @@
 
 import copy
 import logging
-import sys
 
 import comfy_host  # noqa: F401  (conftest boots the host)
 import pytest
 import torch
 
 NODE = "MACETrainConceptLoRA"
+
+pytestmark = pytest.mark.usefixtures("unloaded")
 log = logging.getLogger("MACE.test")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # two shared cores: OpenMP threads of several processes spin against each other (a 1000x slowdown of tiny ops)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def unloaded():
-    """Each test starts and ends with no model loaded, so the shared tiny modules hold their original weights (a
-    loaded patched clone, e.g. a preview model being measured, patches them in place until unloaded)."""
-    import comfy.model_management as mm
-
-    mm.unload_all_models()
-    yield
-    mm.unload_all_models()
-
-
-@pytest.fixture(scope="module")
-def mods(pack_module):
-    name = pack_module.__name__
-
-    class M:
-        train = sys.modules[name + ".nodes.train"]
-        att = sys.modules[name + ".nodes.attention"]
-        host = sys.modules[name + ".nodes.host"]
-        concepts = sys.modules[name + ".mace_core.concepts"]
-        errors = sys.modules[name + ".mace_core.errors"]
-        bundle = sys.modules[name + ".mace_core.lora_bundle"]
-    return M
 
 
 def snapshot(patcher):
