@@ -15,90 +15,23 @@ is loaded. Times and peak memory of each side come from the same run on the same
 """
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
-import zlib
-from pathlib import Path
 
 import psutil
 import torch
+from _common import CTX, WIDTHS, D, SyntheticEncoder, load_core, make_loras, prior, run_child, sd15_weights, sync
 from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
 
-# SD1.5: 16 cross-attention layers with inner widths 320/640/1280, each with to_k and to_v, context 768.
-WIDTHS = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
-D = 768
-CTX = 77
 
-
-def load_core():
-    spec = importlib.util.spec_from_file_location("mace_core", ROOT / "mace_core" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "mace_core")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["mace_core"] = mod
-    spec.loader.exec_module(mod)
-    import mace_core.fuse
-    import mace_core.lora_bundle
-
-    return mace_core
-
-
-class SyntheticEncoder:
-    """TextEncoder with CLIP-L's shape: every prompt gets fixed features seeded by its text (a shared part, as real
-    prompts share start and padding tokens, plus a prompt-specific part)."""
-
-    end_id, context_length, dim = 49407, CTX, D
-
-    def __init__(self, device):
-        self.device = device
-        self.shared = torch.randn(CTX, D, generator=torch.Generator().manual_seed(7)).to(device)
-
-    def token_count(self, text):
-        return len(text.split())
-
-    def encode(self, prompts):
-        feats = torch.empty(len(prompts), CTX, D, device=self.device)
-        for i, p in enumerate(prompts):
-            g = torch.Generator(self.device).manual_seed(zlib.crc32(p.encode()))
-            feats[i] = self.shared + torch.randn(CTX, D, generator=g, device=self.device)
-        return [[0] * CTX for _ in prompts], feats
-
-
-def keys():
-    return [f"diffusion_model.layer{i}.attn2.to_{kv}.weight" for i in range(len(WIDTHS)) for kv in "kv"]
-
-
-def weights(device):
-    g = torch.Generator().manual_seed(1)
-    w0, wp = {}, {}
-    for k, w in zip(keys(), [w for w in WIDTHS for _ in range(2)]):
-        w0[k] = (torch.randn(w, D, generator=g) / D**0.5).to(device)
-        wp[k] = w0[k] + 0.01 * torch.randn(w, D, generator=g).to(device) / D**0.5
-    return w0, wp
-
-
-def make_loras(core, n, w0, device):
-    g = torch.Generator().manual_seed(3)
-    out = []
-    for i in range(n):
-        up = {k: (torch.randn(w.shape[0], 1, generator=g) * 0.05).to(device) for k, w in w0.items()}
-        down = {k: (torch.randn(1, D, generator=g) / D**0.5).to(device) for k in w0}
-        out.append(core.lora_bundle.ConceptLoRA(f"concept number {i}", "a person", "celebrity", 1, 50, up, down))
-    return out
-
-
-def prior(device):
-    p = torch.randn(4000, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    return (p.T @ p / p.shape[0]).to(device)
+def concepts(core, n):
+    return [core.concepts.Concept(f"concept number {i}", "a person", "celebrity") for i in range(n)]
 
 
 def ours(core, loras, enc, w0, wp, c):
@@ -128,25 +61,24 @@ def measure(which, n, layers, device):
     fresh process (see run_isolated)."""
     core = load_core()
     enc = SyntheticEncoder(device)
-    w0, wp = weights(device)
+    w0, wp = sd15_weights(device)
     c = prior(device)
-    loras = make_loras(core, n, w0, device)
+    loras = make_loras(core, concepts(core, n), w0, device)
     if which == "ours":
         fn = lambda: ours(core, loras, enc, w0, wp, c)
         ours(core, loras[:1], enc, w0, wp, c)  # warm-up (kernels, allocator, libraries)
     else:
         fn = lambda: reference(core, loras, enc, w0, wp, c, layers)
         reference(core, loras[:1], enc, w0, wp, c, 1)
+    sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     dt = time.perf_counter() - t0
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
@@ -163,13 +95,8 @@ def run_isolated(which, n, layers, device, threads):
         return measure(which, n, layers, device)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "sample.safetensors")
-        cmd = [sys.executable, __file__, "--one", which, "--counts", str(n), "--ref-layers", str(layers or 0),
-               "--device", "cpu", "--out", out] + (["--threads", str(threads)] if threads else [])
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(res.stderr[-2000:])
-        meta = json.loads(res.stdout.strip().splitlines()[-1])
+        meta = run_child([__file__, "--one", which, "--counts", n, "--ref-layers", layers or 0, "--device", "cpu",
+                          "--out", out], threads)
         return meta["seconds"], meta["peak"], load_file(out)
 
 

@@ -11,38 +11,20 @@ All figures of one run come from the same process on the same machine; compare r
 """
 
 import argparse
-import importlib.util
 import json
 import logging
 import os
 import resource
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import torch
+from _common import ROOT, WIDTHS, D, load_core, run_child
 
-ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench")
-
-# SD1.5: 16 cross-attention layers with inner widths 320/640/1280, each with to_k and to_v, context 768.
-WIDTHS = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
-D = 768
 TEMPLATES = 30
 PAIRS = 75  # aligned positions per prompt (77 minus the concept/anchor words)
-
-
-def load_core():
-    spec = importlib.util.spec_from_file_location("mace_core", ROOT / "mace_core" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "mace_core")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["mace_core"] = mod
-    spec.loader.exec_module(mod)
-    import mace_core.closed_form as cf
-
-    return cf
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,16 +75,13 @@ def reference(n, ws, prior, layers=None):
 def measure(kind: str, n: int, ref_layers: int | None) -> tuple[float, int]:
     """Seconds and peak extra resident memory of one solve, in a fresh process so each peak is its own
     (fork would share torch's thread pool state; a new interpreter is clean)."""
-    cmd = [sys.executable, __file__, "--measure", kind, "--counts", str(n)]
-    if ref_layers:
-        cmd += ["--ref-layers", str(ref_layers)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    extra = ["--ref-layers", ref_layers] if ref_layers else []
+    result = run_child([__file__, "--measure", kind, "--counts", n, *extra])
     return result["seconds"], result["peak_bytes"]
 
 
 def _measure_here(kind: str, n: int, ref_layers: int | None):
-    cf = load_core()
+    cf = load_core().closed_form
     ws = weights()
     prior = prior_moment()
     base = psutil.Process().memory_info().rss
