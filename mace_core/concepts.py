@@ -15,6 +15,7 @@ Templates are written for this project; each family has about thirty, so the edi
 
 import unicodedata
 from dataclasses import dataclass
+from typing import NamedTuple
 
 FAMILIES = ("object", "celebrity", "style", "explicit")
 
@@ -216,12 +217,26 @@ def parse_concepts(text: str, family: str, anchor: str = "", input_name: str = "
     return out
 
 
-def parse_names(text: str, input_name: str = "preserve") -> list[str]:
-    """A plain list of names (concepts to keep); may be empty."""
-    names = []
+class Kept(NamedTuple):
+    """A concept to keep intact; family None: protected in the templates of every type being erased."""
+    name: str
+    family: str | None = None
+
+
+def parse_kept(text: str, input_name: str = "preserve") -> list[Kept]:
+    """Concepts to keep, one per line, each optionally typed (`name | type`); may be empty."""
+    from .errors import MaceInputError
+
+    out = []
     for line_no, raw in enumerate((text or "").splitlines(), 1):
-        line = " ".join(raw.split())
-        if line and not line.startswith("#"):
-            _check_name(line, input_name, line_no)
-            names.append(line)
-    return names
+        line = normalize(raw)
+        if not line or line.startswith("#"):
+            continue
+        name, sep, own_type = line.rpartition(TYPE_SEP) if TYPE_SEP in line else (line, "", "")
+        where = where_line(line_no)
+        if sep and not normalize(name):
+            raise MaceInputError(input_name, f"{where} has a type but no concept.", "Write 'name | type'.")
+        family = parse_type(own_type, where, input_name) or None
+        _check_name(normalize(name), input_name, line_no)
+        out.append(Kept(normalize(name), family))
+    return out

@@ -48,22 +48,32 @@ def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progr
         progress()
 
 
-def keep_moment(names: list[str], family: str, enc: TextEncoder) -> torch.Tensor | None:
-    """Mean second moment over every token of the templated prompts of concepts the user wants kept."""
-    if not names:
+def keep_moment(kept, families, enc: TextEncoder) -> torch.Tensor | None:
+    """Mean second moment over every token of the templated prompts of concepts the user wants kept: a typed one
+    (Kept(name, family)) in its own type's templates, an untyped one (a plain name) in those of every type in
+    `families` (the types being erased), so it is protected wherever the edit reaches."""
+    if not kept:
         return None
     m = Moments(enc.dim)
-    for name in names:
-        _, feats = enc.encode([t.format(name) for t in TEMPLATES[family]])
-        m.add(feats)
+    for k in kept:
+        name, family = (k, None) if isinstance(k, str) else k
+        for fam in [family] if family else dict.fromkeys(families):
+            _, feats = enc.encode([t.format(name) for t in TEMPLATES[fam]])
+            m.add(feats)
     return m.mean_gram()
+
+
+def kept_share(n_kept: int, n_concepts: int) -> float:
+    """Weight of the kept concepts' mean statistics relative to the concepts' own: each kept concept weighs as much
+    as each concept being changed, so a longer keep list protects more instead of thinning each name's share."""
+    return n_kept / max(n_concepts, 1)
 
 
 def refine(
     concepts: list[Concept],
     enc: TextEncoder,
     prior: torch.Tensor | None,
-    preserve: list[str] = (),
+    preserve: list = (),
     prior_weight: float = 1.0,
     preserve_weight: float = 1.0,
     lam: float = 0.01,
@@ -72,14 +82,16 @@ def refine(
     """The refinement transform T (d x d, float64).
 
     prior: mean second moment of generic prompts (prior.py); its weight is relative to the concept prompts' own token
-    count, as is the weight of the preserved concepts (their prompts use the first concept's family templates).
+    count; the preserved concepts (names or concepts.Kept; see keep_moment) weigh preserve_weight each, as much as
+    each concept (kept_share).
     """
     check_concepts(concepts, enc)
     edit = edit_moments(concepts, enc, progress)
-    keep = keep_moment(list(preserve), concepts[0].family, enc)
+    keep = keep_moment(list(preserve), [c.family for c in concepts], enc)
     total = None
     if prior is not None and prior_weight > 0:
         total = prior_weight * prior.to(torch.float64)
     if keep is not None and preserve_weight > 0:
-        total = preserve_weight * keep if total is None else total + preserve_weight * keep
+        keep = preserve_weight * kept_share(len(preserve), len(concepts)) * keep
+        total = keep if total is None else total + keep
     return refine_transform(edit, total, 1.0, lam)

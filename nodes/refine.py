@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..mace_core import concept_files
 from ..mace_core.closed_form import apply_transform
-from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, parse_names
+from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, parse_kept
 from ..mace_core.prior import prior_moment
 from ..mace_core.refine import refine
 from . import host
@@ -38,6 +38,22 @@ def concept_file_input():
                                    "after the box's. .txt: one concept per line, as in the box. .csv: a header "
                                    "'concept,anchor,type' (anchor and type optional, blank cells = defaults), one "
                                    "concept per row. Blank = none.")
+
+
+def preserve_inputs(near: str, what: str):
+    """preserve, preservation_strength and lambda: the closed-form stages' (refine, fuse) shared inputs."""
+    return [
+        io.String.Input("preserve", multiline=True, default="",
+                        tooltip="Concepts to keep intact, one per line (e.g. other celebrities or artists), "
+                                "optionally typed: 'name | style'. An untyped name is kept in the prompts of every "
+                                "type being erased."),
+        io.Float.Input("preservation_strength", default=1.0, min=0.0, max=100.0, step=0.05,
+                       tooltip="How much generic prompts and the concepts to keep weigh against the erased "
+                               "concepts' prompts (1 = equal total weight, 0 = no preservation)."),
+        io.Float.Input("lambda_", display_name="lambda", default=0.01, min=0.0, max=10.0, step=0.001,
+                       tooltip=f"Ridge term that keeps weights near {near}, relative to the mean eigenvalue of the "
+                               f"concept statistics. Raise it for a gentler {what}."),
+    ]
 
 
 def read_concepts(concepts, concept_type, anchor, concept_file=""):
@@ -73,14 +89,7 @@ class MACERefineCrossAttention(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The text encoder loaded with this model; its features are the context "
                                               "the cross-attention reads."),
                 *concept_inputs(),
-                io.String.Input("preserve", multiline=True, default="",
-                                tooltip="Concepts to keep intact, one per line (e.g. other celebrities or artists)."),
-                io.Float.Input("preservation_strength", default=1.0, min=0.0, max=100.0, step=0.05,
-                               tooltip="How much generic prompts and the concepts to keep weigh against the erased "
-                                       "concepts' prompts (1 = equal total weight, 0 = no preservation)."),
-                io.Float.Input("lambda_", display_name="lambda", default=0.01, min=0.0, max=10.0, step=0.001,
-                               tooltip="Ridge term that keeps weights near the original, relative to the mean "
-                                       "eigenvalue of the concept statistics. Raise it for a gentler edit."),
+                *preserve_inputs("the original", "edit"),
                 concept_file_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with refined cross-attention, ready for KSampler.")],
@@ -102,7 +111,7 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
                  lambda_=0.01, concept_file=""):
     """Parse, validate, solve, then patch a clone. Nothing is applied until every step has succeeded."""
     items = read_concepts(concepts, concept_type, anchor, concept_file)
-    keep = parse_names(preserve)
+    keep = parse_kept(preserve)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
     progress = host.Progress(len(items) + 1)

@@ -1,7 +1,7 @@
 import pytest
 
 from mace_core.align import align_pairs, concept_positions
-from mace_core.concepts import DEFAULT_ANCHORS, TEMPLATES, parse_concepts, parse_names
+from mace_core.concepts import DEFAULT_ANCHORS, TEMPLATES, Kept, parse_concepts, parse_kept
 from mace_core.errors import MaceInputError
 
 END = 99
@@ -35,8 +35,13 @@ def test_unknown_family_and_preserve_syntax():
     with pytest.raises(MaceInputError, match="concept_type"):
         parse_concepts("Tom", "animal")
     with pytest.raises(MaceInputError, match="'preserve'"):
-        parse_names("Ann\n(Bob)")
-    assert parse_names("Ann\n\n Bob  Lee ") == ["Ann", "Bob Lee"]
+        parse_kept("Ann\n(Bob)")
+    assert parse_kept("Ann\n\n Bob  Lee ") == [Kept("Ann"), Kept("Bob Lee")]
+    assert parse_kept("Claude Monet | Style\nAnn") == [Kept("Claude Monet", "style"), Kept("Ann", None)]
+    for bad in ("Ann | painter", " | style"):
+        with pytest.raises(MaceInputError) as e:
+            parse_kept(bad)
+        assert e.value.input_name == "preserve"
 
 
 def test_alignment_skips_the_differing_middle_and_pairs_padding():

@@ -114,6 +114,11 @@ def test_preservation_reduces_change_on_unrelated_prompts(pack, pack_module, tin
     on = unrelated_change(host, clip, run(pack, model, clip, "Claude Monet", strength=1.0,
                                           preserve="Rembrandt\nPablo Picasso"), prompts)
     assert on < 0.8 * off, (on, off)
+    typed = unrelated_change(host, clip, run(pack, model, clip, "Claude Monet", strength=1.0,
+                                             preserve="Rembrandt | style\nPablo Picasso | celebrity"), prompts)
+    assert typed < 0.8 * off and typed != on, (typed, on, off)  # a type picks that type's templates
+    with pytest.raises(ValueError, match="input 'preserve'.*unknown concept type 'painter'"):
+        run(pack, model, clip, "Claude Monet", preserve="Rembrandt | painter")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
