@@ -25,10 +25,11 @@ from .closed_form import ACC, ridge_scale
 from .concepts import Concept, check_family
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
-from .refine import keep_moment
+from .refine import keep_moment, kept_share
 from .text import TextEncoder, check_concepts
 
 log = logging.getLogger("MACE")
+KEEP_TARGETS = ("original", "input")
 
 
 class SpdSolver:
@@ -94,19 +95,24 @@ def fuse(
     current: dict[str, torch.Tensor],
     original: dict[str, torch.Tensor],
     prior: torch.Tensor | None = None,
-    preserve: list[str] = (),
+    preserve: list = (),
     prior_weight: float = 1.0,
     preserve_weight: float = 1.0,
     lam: float = 0.01,
     device=None,
     progress: Callable[[], None] | None = None,
+    keep_target: str = "input",
 ) -> dict[str, torch.Tensor]:
     """Delta W* - W' (float32, on `device`) for every key of `current` that changes.
 
     current / original: W' and W0 per cross-attention key. prior: mean second moment of generic prompts (prior.py).
-    Prior and kept concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to the
-    mean eigenvalue of the concept statistics.
+    Prior and kept concepts weigh relative to the concepts' own token count, as in refinement (each kept concept as
+    much as each LoRA's concept); lam is relative to the mean eigenvalue of the concept statistics.
+    keep_target: what generic prompts and kept concepts are held to, "original" (W0, the paper's choice) or "input"
+    (W', so what refinement did beyond the fused concepts' own prompts, e.g. to their synonyms, stays).
     """
+    if keep_target not in KEEP_TARGETS:
+        raise MaceInputError("keep_target", f"must be one of {', '.join(KEEP_TARGETS)}, got '{keep_target}'.")
     loras = list(loras)
     shapes = {k: tuple(w.shape) for k, w in current.items()}
     check_loras(loras, shapes)
@@ -143,9 +149,10 @@ def fuse(
     p = None
     if prior is not None and prior_weight > 0:
         p = prior_weight * count * prior.to(device, ACC)
-    keep = keep_moment(list(preserve), loras[0].family, enc) if preserve and preserve_weight > 0 else None
+    families = [lora.family for lora in loras]
+    keep = keep_moment(list(preserve), families, enc) if preserve and preserve_weight > 0 else None
     if keep is not None:
-        kp = preserve_weight * count * keep.to(device, ACC)
+        kp = preserve_weight * kept_share(len(preserve), len(loras)) * count * keep.to(device, ACC)
         p = kp if p is None else p + kp
     if p is not None:
         m = m + p
@@ -154,7 +161,7 @@ def fuse(
     deltas = {}
     for k in current:
         rhs = acc.pop(k, None)
-        if p is not None:
+        if p is not None and keep_target == "original":
             back = (original[k].to(device, ACC) - current[k].to(device, ACC)) @ p
             rhs = back if rhs is None else rhs + back
         if rhs is not None:  # a matrix no LoRA touches and no prior pulls back keeps W' (no patch)

@@ -5,11 +5,11 @@ import time
 
 from comfy_api.latest import io
 
-from ..mace_core.concepts import parse_names
+from ..mace_core.concepts import parse_kept
 from ..mace_core.fuse import fuse
 from . import host
 from .loras import MaceLoras, check_base
-from .refine import prior_for
+from .refine import preserve_inputs, prior_for
 
 log = logging.getLogger("MACE")
 
@@ -29,6 +29,10 @@ def record_erased(model, loras):
     model.model_options[ERASED] = erased_concepts(model) + new
 
 
+# The Fuse node's choice -> mace_core.fuse's keep_target.
+KEEP_TARGETS = {"input model": "input", "original model": "original"}
+
+
 class MACEFuseLoRAs(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -46,27 +50,26 @@ class MACEFuseLoRAs(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="The text encoder loaded with this model; each concept's prompts are "
                                               "encoded with it."),
                 MaceLoras.Input("loras", tooltip="Per-concept LoRAs, from MACE Train or MACE Load LoRAs."),
-                io.String.Input("preserve", multiline=True, default="",
-                                tooltip="Concepts to keep intact, one per line (e.g. other celebrities or artists)."),
-                io.Float.Input("preservation_strength", default=1.0, min=0.0, max=100.0, step=0.05,
-                               tooltip="How much generic prompts and the concepts to keep weigh against the erased "
-                                       "concepts' prompts (1 = equal total weight, 0 = no preservation)."),
-                io.Float.Input("lambda_", display_name="lambda", default=0.01, min=0.0, max=10.0, step=0.001,
-                               tooltip="Ridge term that keeps weights near the input model's, relative to the mean "
-                                       "eigenvalue of the concept statistics. Raise it for a gentler fusion."),
+                *preserve_inputs("the input model's", "fusion"),
+                io.Combo.Input("keep_target", options=list(KEEP_TARGETS), default="input model", optional=True,
+                               tooltip="What generic prompts and the concepts to keep are held to. input model: "
+                                       "the connected (refined) model, so refinement's wider reach, e.g. to the "
+                                       "concepts' synonyms, stays. original model: the checkpoint's weights, as in "
+                                       "the paper, which pulls refinement back outside the concepts' own prompts."),
             ],
             outputs=[io.Model.Output(tooltip="The model with every concept's LoRA fused in, ready for KSampler or "
                                              "MACE Save Erasure.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, loras, preserve, preservation_strength, lambda_):
-        return io.NodeOutput(fuse_model(model, clip, loras, preserve, preservation_strength, lambda_))
+    def execute(cls, model, clip, loras, preserve, preservation_strength, lambda_, keep_target="input model"):
+        return io.NodeOutput(fuse_model(model, clip, loras, preserve, preservation_strength, lambda_,
+                                        KEEP_TARGETS.get(keep_target, keep_target)))
 
 
-def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lambda_=0.01):
+def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lambda_=0.01, keep_target="input"):
     """Validate, solve, then patch a clone. Nothing is applied until every step has succeeded."""
-    keep = parse_names(preserve)
+    keep = parse_kept(preserve)
     keys = host.cross_attention_keys(model, clip)
     loras = list(getattr(bundle, "loras", None) or [])
     if loras:
@@ -80,7 +83,8 @@ def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lamb
     current = host.current_weights(model, keys, device)
     original = host.original_weights(model, keys)
     deltas = fuse(loras, enc, current, original, prior, keep, prior_weight=preservation_strength,
-                  preserve_weight=preservation_strength, lam=lambda_, device=device, progress=progress)
+                  preserve_weight=preservation_strength, lam=lambda_, device=device, progress=progress,
+                  keep_target=keep_target)
     progress()
     out = host.with_deltas(model, deltas)
     record_erased(out, loras)

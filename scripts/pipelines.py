@@ -74,7 +74,7 @@ def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
                   timestep_sampling="importance", images_per_concept=images, mask_source="auto",
                   image_size=image_size, image_model=model)
     fused = g.add("MACEFuseLoRAs", model=refined[0], clip=clip, loras=train[0], preserve=preserve,
-                  preservation_strength=1.0, lambda_=0.01)
+                  preservation_strength=1.0, lambda_=0.01, keep_target="input model")
     _before_after(g, clip, vae, model, fused[0], prompt or _prompt(concepts, concept_type), seed, size, steps,
                   prefix)
     g.add("MACESaveErasure", model=fused[0], filename_prefix=prefix, mode="full", rank=64, loras=train[0])

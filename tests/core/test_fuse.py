@@ -52,8 +52,10 @@ def setup(dim=16, seed=0):
     return shapes, w0, wp
 
 
-def stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, prior_weight, keep_weight, lam):
-    """The objective written out row by row and solved per matrix by least squares (float64)."""
+def stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, prior_weight, keep_weight, lam, keep_to=None):
+    """The objective written out row by row and solved per matrix by least squares (float64); prior and kept
+    concepts are held to keep_to (default W0)."""
+    keep_to = w0 if keep_to is None else keep_to
     xs = [features(enc, lora).double() for lora in loras]
     n = sum(x.shape[0] for x in xs)
     gram = sum(x.T @ x for x in xs)
@@ -69,7 +71,7 @@ def stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, prior_weight, ke
             if p is not None and wt > 0:
                 c = (wt * n / p.shape[0]) ** 0.5
                 rows.append(c * p)
-                targets.append(c * p @ w0[k].double().T)
+                targets.append(c * p @ keep_to[k].double().T)
         rows.append(r * torch.eye(enc.dim, dtype=torch.float64))
         targets.append(r * wp[k].double().T)
         sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets), driver="gelsd").solution.T
@@ -86,8 +88,8 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("rank", [1, 2])
-def test_fusion_equals_stacked_least_squares(rank):
+@pytest.mark.parametrize("rank,keep_target", [(1, "original"), (2, "original"), (1, "input")])
+def test_fusion_equals_stacked_least_squares(rank, keep_target):
     shapes, w0, wp = setup()
     enc = HashEncoder()
     loras = make_loras(shapes, ["Alice Smith", "Bob Jones", "Carol White"], rank=rank)
@@ -96,8 +98,10 @@ def test_fusion_equals_stacked_least_squares(rank):
     prior = prior_rows.T @ prior_rows / prior_rows.shape[0]
     keep = ["Dave Brown"]
     keep_rows = enc.encode([t.format(keep[0]) for t in TEMPLATES["celebrity"]])[1].reshape(-1, enc.dim).double()
-    deltas = fuse(loras, enc, wp, w0, prior, keep, prior_weight=0.7, preserve_weight=0.4, lam=0.02)
-    ref = stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, 0.7, 0.4, 0.02)
+    deltas = fuse(loras, enc, wp, w0, prior, keep, prior_weight=0.7, preserve_weight=0.4, lam=0.02,
+                  keep_target=keep_target)
+    ref = stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, 0.7, 0.4 * len(keep) / len(loras), 0.02,
+                           keep_to=wp if keep_target == "input" else w0)
     assert set(deltas) == set(wp)
     for k in wp:
         assert deltas[k].dtype == torch.float32
@@ -130,6 +134,24 @@ def test_unchanged_weights_without_loras_on_a_key_are_left_out():
     assert set(deltas) == {k for k in shapes if "b1" in k}
 
 
+def test_keeping_the_input_leaves_what_refinement_did_elsewhere():
+    """keep_target="input": with LoRAs that change nothing, fusion changes nothing (the paper's W0 target would pull
+    every generic direction back toward the original, undoing refinement beyond the fused concepts' prompts)."""
+    shapes, w0, wp = setup(seed=3)
+    enc = HashEncoder()
+    loras = make_loras(shapes, ["Alice Smith", "Bob Jones"], seed=4)
+    for lora in loras:
+        lora.up = {k: torch.zeros_like(v) for k, v in lora.up.items()}
+    prior = torch.eye(enc.dim, dtype=torch.float64)
+    kept = fuse(loras, enc, wp, w0, prior, (), keep_target="input")
+    assert all(float(v.abs().max()) < 1e-6 for v in kept.values())
+    back = fuse(loras, enc, wp, w0, prior, (), keep_target="original")
+    assert all(rel(back[k], w0[k] - wp[k]) < 0.9 for k in wp)  # pulled toward W0
+    with pytest.raises(MaceInputError) as e:
+        fuse(loras, enc, wp, w0, prior, (), keep_target="W0")
+    assert e.value.input_name == "keep_target"
+
+
 def test_bad_bundles_are_refused():
     shapes, w0, wp = setup()
     enc = HashEncoder()
@@ -141,3 +163,16 @@ def test_bad_bundles_are_refused():
     alien = make_loras({"diffusion_model.x.attn1.to_q.weight": (8, 16)}, ["Alice Smith"])
     with pytest.raises(MaceInputError, match="not a cross-attention"):
         fuse(alien, enc, wp, w0)
+
+
+def test_kept_names_are_protected_in_every_erased_type_unless_typed():
+    from mace_core.concepts import Kept
+    from mace_core.refine import keep_moment
+
+    enc = HashEncoder()
+    both = keep_moment(["Ann Lee"], ["celebrity", "style", "celebrity"], enc)
+    typed = keep_moment([Kept("Ann Lee", "celebrity"), Kept("Ann Lee", "style")], ["object"], enc)
+    assert torch.allclose(both, typed)
+    assert not torch.allclose(both, keep_moment(["Ann Lee"], ["celebrity"], enc))
+    assert torch.allclose(keep_moment([Kept("Ann Lee", "style")], ["celebrity"], enc),
+                          keep_moment(["Ann Lee"], ["style"], enc))

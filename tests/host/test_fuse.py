@@ -46,8 +46,8 @@ def snapshot(patcher):
     return {k: v.detach().clone() for k, v in patcher.model_state_dict().items()}
 
 
-def fuse(pack, model, clip, bundle, preserve="", strength=1.0, lam=0.01):
-    return pack[FUSE].execute(model, clip, bundle, preserve, strength, lam).result[0]
+def fuse(pack, model, clip, bundle, preserve="", strength=1.0, lam=0.01, keep_target="input model"):
+    return pack[FUSE].execute(model, clip, bundle, preserve, strength, lam, keep_target).result[0]
 
 
 # ---------------------------------------------------------------- schema
@@ -60,8 +60,10 @@ def test_nodes_registered_with_schema(pack):
         assert schema.node_id == node_id and schema.display_name == name and schema.category == "MACE"
         assert schema.description and all(i.tooltip for i in schema.inputs), node_id
     assert pack[ERASURE].define_schema().is_output_node and pack["MACESaveLoRAs"].define_schema().is_output_node
-    assert [i.id for i in pack[FUSE].define_schema().inputs] == ["model", "clip", "loras", "preserve",
-                                                                 "preservation_strength", "lambda_"]
+    inputs = pack[FUSE].define_schema().inputs
+    assert [i.id for i in inputs] == ["model", "clip", "loras", "preserve", "preservation_strength", "lambda_",
+                                      "keep_target"]
+    assert inputs[-1].optional, "added last and optional: saved API workflows without it still run"
 
 
 # ---------------------------------------------------------------- fusion quality
@@ -133,6 +135,23 @@ def test_fusion_reproduces_each_lora_and_beats_naive_sum(pack, pack_module, wide
     assert all(torch.equal(before[k], after[k]) for k in before), "input model unchanged"
 
 
+def test_keep_target_chooses_what_generic_prompts_are_held_to(pack, pack_module, wide):
+    model, clip, refined, bundle, _ = wide
+    host = mod(pack_module, "nodes.host")
+    keys = host.cross_attention_keys(model)
+    _, x = host.clip_encoder(clip).encode(["a dog in the park", "a bowl of soup", "a red car on a road"])
+    x = x.reshape(-1, WIDE).double()
+    w0, wp = (host.current_weights(m, keys, "cpu") for m in (model, refined))
+    wi, wo = (host.current_weights(fuse(pack, refined, clip, bundle, keep_target=t), keys, "cpu")
+              for t in ("input model", "original model"))
+    off_input = {t: _rel(x, lambda k: (w[k] - wp[k]).double(), lambda k: wp[k].double(), keys)
+                 for t, w in (("input", wi), ("original", wo))}
+    off_original = {t: _rel(x, lambda k: (w[k] - w0[k]).double(), lambda k: w0[k].double(), keys)
+                    for t, w in (("input", wi), ("original", wo))}
+    assert off_input["input"] < off_input["original"], off_input  # refinement's effect on them stays
+    assert off_original["original"] < off_original["input"], off_original  # the paper's pull back to W0
+
+
 @pytest.fixture(scope="module")
 def edited(pack, pack_module, tiny):
     """Refined, then fused with three rank-2 LoRAs (preservation 0.5, lambda 0.05): what the erasure tests save."""
@@ -161,7 +180,7 @@ def test_fused_weights_are_the_least_squares_optimum(pack, pack_module, tiny, ed
     for k in keys:
         rows = torch.cat(xs + [prior_rows, ridge])
         targets = torch.cat([x @ (wp[k].double() + lora.delta(k, torch.float64)).T for x, lora in zip(xs, bundle.loras)]
-                            + [prior_rows @ w0[k].double().T, ridge @ wp[k].double().T])
+                            + [prior_rows @ wp[k].double().T, ridge @ wp[k].double().T])  # kept: the input (W')
         direct = torch.linalg.lstsq(rows, targets).solution.T
         worst = max(worst, float((wf[k].double() - direct).norm() / (direct - wp[k].double()).norm()))
     print(f"fused vs stacked least squares: worst relative error of the update {worst:.2e}")
