@@ -25,7 +25,7 @@ from .closed_form import ACC, ridge_scale
 from .concepts import Concept, check_family
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
-from .refine import keep_moment, kept_share
+from .refine import keep_moment
 from .text import TextEncoder, check_concepts
 
 log = logging.getLogger("MACE")
@@ -106,8 +106,8 @@ def fuse(
     """Delta W* - W' (float32, on `device`) for every key of `current` that changes.
 
     current / original: W' and W0 per cross-attention key. prior: mean second moment of generic prompts (prior.py).
-    Prior and kept concepts weigh relative to the concepts' own token count, as in refinement (each kept concept as
-    much as each LoRA's concept); lam is relative to the mean eigenvalue of the concept statistics.
+    Prior and kept concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to the
+    mean eigenvalue of the concept statistics.
     keep_target: what generic prompts and kept concepts are held to, "original" (W0, the paper's choice) or "input"
     (W', so what refinement did beyond the fused concepts' own prompts, e.g. to their synonyms, stays).
     """
@@ -152,7 +152,7 @@ def fuse(
     families = [lora.family for lora in loras]
     keep = keep_moment(list(preserve), families, enc) if preserve and preserve_weight > 0 else None
     if keep is not None:
-        kp = preserve_weight * kept_share(len(preserve), len(loras)) * count * keep.to(device, ACC)
+        kp = preserve_weight * count * keep.to(device, ACC)
         p = kp if p is None else p + kp
     if p is not None:
         m = m + p

@@ -63,12 +63,6 @@ def keep_moment(kept, families, enc: TextEncoder) -> torch.Tensor | None:
     return m.mean_gram()
 
 
-def kept_share(n_kept: int, n_concepts: int) -> float:
-    """Weight of the kept concepts' mean statistics relative to the concepts' own: each kept concept weighs as much
-    as each concept being changed, so a longer keep list protects more instead of thinning each name's share."""
-    return n_kept / max(n_concepts, 1)
-
-
 def refine(
     concepts: list[Concept],
     enc: TextEncoder,
@@ -82,8 +76,7 @@ def refine(
     """The refinement transform T (d x d, float64).
 
     prior: mean second moment of generic prompts (prior.py); its weight is relative to the concept prompts' own token
-    count; the preserved concepts (names or concepts.Kept; see keep_moment) weigh preserve_weight each, as much as
-    each concept (kept_share).
+    count, as is the weight of the preserved concepts together (names or concepts.Kept; see keep_moment).
     """
     check_concepts(concepts, enc)
     edit = edit_moments(concepts, enc, progress)
@@ -92,6 +85,6 @@ def refine(
     if prior is not None and prior_weight > 0:
         total = prior_weight * prior.to(torch.float64)
     if keep is not None and preserve_weight > 0:
-        keep = preserve_weight * kept_share(len(preserve), len(concepts)) * keep
+        keep = preserve_weight * keep
         total = keep if total is None else total + keep
     return refine_transform(edit, total, 1.0, lam)

@@ -100,7 +100,7 @@ def test_fusion_equals_stacked_least_squares(rank, keep_target):
     keep_rows = enc.encode([t.format(keep[0]) for t in TEMPLATES["celebrity"]])[1].reshape(-1, enc.dim).double()
     deltas = fuse(loras, enc, wp, w0, prior, keep, prior_weight=0.7, preserve_weight=0.4, lam=0.02,
                   keep_target=keep_target)
-    ref = stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, 0.7, 0.4 * len(keep) / len(loras), 0.02,
+    ref = stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, 0.7, 0.4, 0.02,
                            keep_to=wp if keep_target == "input" else w0)
     assert set(deltas) == set(wp)
     for k in wp:
