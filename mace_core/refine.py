@@ -49,15 +49,15 @@ def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progr
 
 
 def keep_moment(kept, families, enc: TextEncoder) -> torch.Tensor | None:
-    """Mean second moment over every token of the templated prompts of concepts the user wants kept: a typed one
-    (Kept(name, family)) in its own type's templates, an untyped one (a plain name) in those of every type in
-    `families` (the types being erased), so it is protected wherever the edit reaches."""
+    """Mean second moment over every token of the templated prompts of concepts the user wants kept, in the
+    templates of every type in `families` (the types being changed: where the edit acts) and, for a typed one
+    (Kept(name, family)), also in its own type's."""
     if not kept:
         return None
     m = Moments(enc.dim)
     for k in kept:
         name, family = (k, None) if isinstance(k, str) else k
-        for fam in [family] if family else dict.fromkeys(families):
+        for fam in dict.fromkeys(list(families) + ([family] if family else [])):
             _, feats = enc.encode([t.format(name) for t in TEMPLATES[fam]])
             m.add(feats)
     return m.mean_gram()

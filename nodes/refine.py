@@ -45,8 +45,8 @@ def preserve_inputs(near: str, what: str):
     return [
         io.String.Input("preserve", multiline=True, default="",
                         tooltip="Concepts to keep intact, one per line (e.g. other celebrities or artists), "
-                                "optionally typed: 'name | style'. An untyped name is kept in the prompts of every "
-                                "type being erased."),
+                                "optionally typed: 'name | style'. Each is kept in the prompts of every type being "
+                                "erased, and a typed one in its own type's too."),
         io.Float.Input("preservation_strength", default=1.0, min=0.0, max=100.0, step=0.05,
                        tooltip="How much generic prompts and the concepts to keep weigh against the erased "
                                "concepts' prompts (1 = equal total weight, 0 = no preservation)."),
