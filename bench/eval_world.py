@@ -7,7 +7,7 @@ reports
     Acc_s  kept concepts drawn correctly (higher is better)   H = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g))
 for the full pipeline and its ablations: refine only; refine + LoRAs summed (no fusion); LoRAs fused without refine.
 
-    python bench/eval_world.py                       # writes bench/out/eval_world.md (+ .json)
+    python bench/eval_world.py                       # writes bench/out/eval_world.md (+ .json) and the grid
     python bench/eval_world.py --counts 1 --seeds 4  # quicker
 """
 
@@ -26,67 +26,68 @@ sys.path.insert(0, str(ROOT / "tests" / "host"))
 import comfy_host  # noqa: E402
 
 log = logging.getLogger("eval_world")
-FAMILY = {"object": "object", "person": "celebrity", "style": "style"}
-# Erasure order: families interleaved, so every count mixes them (fixed, so runs compare).
-ORDER = ["Tomas Lindqvist", "red lantern", "dotwork style", "golden crown", "Priya Raman", "mosaic tile style",
-         "green cactus", "Nadia Okafor"]
+GRID = ROOT / "docs" / "world_erasure_grid{}.png"
 
 
 def boot():
     comfy_host.boot()
+    import importlib
+
     import nodes
 
     assert asyncio.run(nodes.load_custom_node(str(ROOT))), "the pack failed to load"
     name = str(ROOT).replace(".", "_x_")
-    import importlib
-
-    return {m: importlib.import_module(f"{name}.{m}") for m in ("nodes.refine", "nodes.train", "nodes.fuse",
-                                                                "concept_world.world", "concept_world.evaluate",
-                                                                "concept_world.spec")}
-
-
-def metrics(mods, world, model, erased_ids, seeds):
-    ev = mods["concept_world.evaluate"]
-    spec = mods["concept_world.spec"]
-    kept_ids = [i for i in range(len(spec.CONCEPTS)) if i not in erased_ids]
-    cid, pred = ev.hits(world, erased_ids, "canonical", seeds, model=model)
-    acc_e = float((cid == pred).float().mean())
-    cid, pred = ev.hits(world, erased_ids, "synonyms", seeds, model=model)
-    acc_g = float((cid == pred).float().mean())
-    cid, pred = ev.hits(world, kept_ids, "canonical", seeds, model=model)
-    acc_s = float((cid == pred).float().mean())
-    eps = 1e-6
-    h = 3 / (1 / max(1 - acc_e, eps) + 1 / max(acc_s, eps) + 1 / max(1 - acc_g, eps))
-    return {"acc_e": acc_e, "acc_g": acc_g, "acc_s": acc_s, "H": h}
+    return {m: importlib.import_module(f"{name}.concept_world.{m}") for m in ("world", "erasure_eval", "spec")}
 
 
 def run(mods, world, n, args):
-    spec = mods["concept_world.spec"]
-    erase = ORDER[:n]
-    erased_ids = [spec.concept_index(c) for c in erase]
-    lines = "\n".join(f"{c} | {FAMILY[spec.CONCEPTS[spec.concept_index(c)].family]}" for c in erase)
-    keep = "\n".join(c.name for c in spec.CONCEPTS if c.name not in erase) if args.preserve else ""
-    refine, train, fuse = mods["nodes.refine"], mods["nodes.train"], mods["nodes.fuse"]
-    seeds = range(args.seeds)
-    base, clip = world.model, world.clip
-    out = {}
+    ee = mods["erasure_eval"]
+    erased = ee.ORDER[:n]
+    settings = ee.Settings(steps=args.steps, lr=args.lr, images=args.images, strength=args.strength, lam=args.lam,
+                           preserve=args.preserve, keep_target=args.keep_target)
     t0 = time.perf_counter()
+    models = ee.erase(world, erased, settings)
     with torch.inference_mode():
-        out["original"] = metrics(mods, world, base, erased_ids, seeds)
-        refined = refine.refine_model(base, clip, lines, "object", preserve=keep,
-                                      preservation_strength=args.strength, lambda_=args.lam)
-        out["refine only"] = metrics(mods, world, refined, erased_ids, seeds)
-        train_kw = dict(steps=args.steps, learning_rate=args.lr, rank=1, seed=0, timestep_sampling="importance",
-                        images_per_concept=args.images, mask_source="auto", image_size=64, image_model=base)
-        bundle, summed, _ = train.train_concept_loras(refined, clip, lines, "object", **train_kw)
-        out["refine + LoRAs summed"] = metrics(mods, world, summed, erased_ids, seeds)
-        fused = fuse.fuse_model(refined, clip, bundle, keep, args.strength, args.lam)
-        out["MACE (refine + LoRAs + fusion)"] = metrics(mods, world, fused, erased_ids, seeds)
-        bundle0, _, _ = train.train_concept_loras(base, clip, lines, "object", **train_kw)
-        fused0 = fuse.fuse_model(base, clip, bundle0, keep, args.strength, args.lam)
-        out["LoRAs + fusion, no refine"] = metrics(mods, world, fused0, erased_ids, seeds)
+        out = {p: ee.scores(world, m, erased, range(args.seeds)) for p, m in models.items()}
     log.info("erased %d in %.0f s", n, time.perf_counter() - t0)
-    return out
+    return out, models
+
+
+def grid(mods, world, erased, before, after, path, seeds=(0, 1), kept=4):
+    """Before/after picture: rows are prompts (each erased concept's name and a synonym, then a few kept concepts),
+    columns the same seeds drawn by the original and by the erased model."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    spec = mods["spec"]
+    rows = []
+    for name in erased[:4]:
+        c = spec.CONCEPTS[spec.concept_index(name)]
+        rows += [(f"{name} (erased)", spec.prompts_for(spec.concept_index(name))[0]),
+                 (f"{c.synonyms[0]} (synonym)", spec.prompts_for(spec.concept_index(name), "synonyms")[0])]
+    for c in [c for c in spec.CONCEPTS if c.name not in erased][::3][:kept]:
+        rows.append((f"{c.name} (kept)", spec.prompts_for(spec.concept_index(c.name))[0]))
+    prompts = [p for _, p in rows]
+    with torch.inference_mode():
+        imgs = [world.generate(prompts, seeds, model=m) for m in (before, after)]  # (P, S, 64, 64, 3) each
+    cell, label_w, head = 96, 250, 26
+    cols = 2 * len(seeds)
+    img = Image.new("RGB", (label_w + cols * cell + 12, head + len(rows) * cell), "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    draw.text((label_w, 6), "original model", fill="black", font=font)
+    draw.text((label_w + len(seeds) * cell + 12, 6), "after MACE", fill="black", font=font)
+    for r, (label, prompt) in enumerate(rows):
+        y = head + r * cell
+        draw.text((6, y + cell // 2 - 12), label, fill="black", font=font)
+        draw.text((6, y + cell // 2 + 2), f'"{prompt}"'[:40], fill=(90, 90, 90), font=font)
+        for k, block in enumerate(imgs):
+            for j in range(len(seeds)):
+                arr = (block[r, j].clamp(0, 1) * 255).round().byte().cpu().numpy()
+                tile = Image.fromarray(arr).resize((cell - 4, cell - 4), Image.NEAREST)
+                img.paste(tile, (label_w + k * (len(seeds) * cell + 12) + j * cell, y + 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.quantize(256).save(path, optimize=True)  # a palette keeps the README's picture small
+    log.info("wrote %s", path)
 
 
 def table(results) -> str:
@@ -111,21 +112,30 @@ def main():
                     help="do not list the kept concepts in `preserve` (the generic prior still applies)")
     ap.add_argument("--world-path", default=None, help="a saved world file (default: the cached world of --world-seed)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-grid", dest="grid", action="store_false",
+                    help="do not write the before/after picture docs/world_erasure_grid<suffix>.png")
+    ap.add_argument("--keep-target", default="input", choices=["input", "original"],
+                    help="Fuse: hold generic prompts and kept concepts to the refined input or the original model")
+    ap.add_argument("--suffix", default="", help="written as eval_world<suffix>.md / .json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     mods = boot()
-    w = mods["concept_world.world"]
+    w = mods["world"]
     world = w.load(args.world_path) if args.world_path else w.load_or_train(args.world_seed)
     results = {}
-    for n in [int(c) for c in args.counts.split(",")]:
-        results[n] = run(mods, world, n, args)
+    counts = [int(c) for c in args.counts.split(",")]
+    for n in counts:
+        results[n], models = run(mods, world, n, args)
         log.info("\n%s", table({n: results[n]}))
+        if args.grid and n == max(counts):
+            ee = mods["erasure_eval"]
+            grid(mods, world, ee.ORDER[:n], models[ee.ORIGINAL], models[ee.MACE], Path(str(GRID).format(args.suffix)))
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "threads"}
-    (out / "eval_world.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    (out / "eval_world.md").write_text(table(results) + f"\n\nSettings: {settings}\n")
+    (out / f"eval_world{args.suffix}.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    (out / f"eval_world{args.suffix}.md").write_text(table(results) + f"\n\nSettings: {settings}\n")
     print(table(results))  # the bench's report
 
 

@@ -1,0 +1,105 @@
+"""Erasure quality on the concept world, measured the paper's way, shared by bench/eval_world.py and the tests.
+
+Erase some of the world's concepts with the pack's own node functions (refine, train, fuse), sample every concept's
+prompts over several seeds with ComfyUI's sampler, classify what was drawn and report
+    Acc_e  erased concepts still drawn (lower is better)      Acc_g  their synonyms still drawn (lower is better)
+    Acc_s  kept concepts drawn correctly (higher is better)   H = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g))
+for the full pipeline and the paper's ablations.
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import evaluate, spec
+
+log = logging.getLogger(__name__)
+
+# The world's families as MACE concept types.
+TYPE = {"object": "object", "person": "celebrity", "style": "style"}
+# Erasure order: families interleaved, so every count mixes them (fixed, so runs compare).
+ORDER = ["Tomas Lindqvist", "red lantern", "dotwork style", "golden crown", "Priya Raman", "mosaic tile style",
+         "green cactus", "Nadia Okafor"]
+
+ORIGINAL = "original"
+REFINE = "refine only"
+SUMMED = "refine + LoRAs summed"
+MACE = "MACE (refine + LoRAs + fusion)"
+NO_REFINE = "LoRAs + fusion, no refine"
+PIPELINES = (ORIGINAL, REFINE, SUMMED, MACE, NO_REFINE)
+
+
+@dataclass
+class Settings:
+    """The nodes' defaults (the paper's): what a user gets without touching a setting."""
+    steps: int = 50
+    lr: float = 1e-4
+    rank: int = 1
+    images: int = 8
+    strength: float = 1.0
+    lam: float = 0.01
+    preserve: bool = True  # list the kept concepts in `preserve` (the generic prior applies either way)
+    seed: int = 0
+    keep_target: str = "input"  # Fuse: hold generic prompts to the refined input or the original model (paper)
+
+
+def concept_lines(names) -> str:
+    """The nodes' concept box for these world concepts: `name | type` per line."""
+    return "\n".join(f"{n} | {TYPE[spec.CONCEPTS[spec.concept_index(n)].family]}" for n in names)
+
+
+def harmonic(acc_e, acc_g, acc_s, eps=1e-6) -> float:
+    return 3 / (1 / max(1 - acc_e, eps) + 1 / max(acc_s, eps) + 1 / max(1 - acc_g, eps))
+
+
+def scores(world, model, erased, seeds) -> dict:
+    """Acc_e, Acc_g, Acc_s and H of `model` with the concepts `erased` (names) gone."""
+    erased_ids = [spec.concept_index(n) for n in erased]
+    kept_ids = [i for i in range(len(spec.CONCEPTS)) if i not in erased_ids]
+    out = {}
+    for key, ids, names in (("acc_e", erased_ids, "canonical"), ("acc_g", erased_ids, "synonyms"),
+                            ("acc_s", kept_ids, "canonical")):
+        cid, pred = evaluate.hits(world, ids, names, seeds, model=model)
+        out[key] = float((cid == pred).float().mean())
+    out["H"] = harmonic(out["acc_e"], out["acc_g"], out["acc_s"])
+    return out
+
+
+def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES) -> dict:
+    """{pipeline: MODEL} for the requested pipelines, each a patched clone of world.model (never changed)."""
+    from ..nodes import fuse, refine, train
+
+    s = settings
+    lines = concept_lines(erased)
+    keep = "\n".join(c.name for c in spec.CONCEPTS if c.name not in erased) if s.preserve else ""
+    base, clip = world.model, world.clip
+    train_kw = dict(steps=s.steps, learning_rate=s.lr, rank=s.rank, seed=s.seed, timestep_sampling="importance",
+                    images_per_concept=s.images, mask_source="auto", image_size=64, image_model=base)
+    out = {}
+    with torch.inference_mode():
+        if ORIGINAL in pipelines:
+            out[ORIGINAL] = base
+        if {REFINE, SUMMED, MACE} & set(pipelines):
+            refined = refine.refine_model(base, clip, lines, "object", preserve=keep,
+                                          preservation_strength=s.strength, lambda_=s.lam)
+            out[REFINE] = refined
+            if {SUMMED, MACE} & set(pipelines):
+                bundle, out[SUMMED], _ = train.train_concept_loras(refined, clip, lines, "object", **train_kw)
+                out[MACE] = fuse.fuse_model(refined, clip, bundle, keep, s.strength, s.lam, s.keep_target)
+        if NO_REFINE in pipelines:
+            bundle0, _, _ = train.train_concept_loras(base, clip, lines, "object", **train_kw)
+            out[NO_REFINE] = fuse.fuse_model(base, clip, bundle0, keep, s.strength, s.lam, s.keep_target)
+    return {p: out[p] for p in pipelines}
+
+
+def measure(world, erased, seeds=range(6), settings: Settings = Settings(), pipelines=PIPELINES) -> dict:
+    """{pipeline: scores} for erasing the concepts `erased` (names) with `settings`."""
+    t0 = time.perf_counter()
+    models = erase(world, erased, settings, pipelines)
+    with torch.inference_mode():
+        out = {p: scores(world, m, erased, seeds) for p, m in models.items()}
+    log.info("concept world: erased %d concepts, %d pipelines scored in %.0f s (settings %s)", len(erased),
+             len(out), time.perf_counter() - t0, asdict(settings))
+    return out
