@@ -13,3 +13,6 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/host/test_refine.p
 timeout 150 python3 bench/bench_refine.py --counts 1,10,100 2>&1 | grep -v Warning | tail -8 | tee "$out/refine.txt"
 timeout 90 python3 bench/bench_fuse.py --counts 1,10,100 2>&1 | tail -10 | tee "$out/fuse.txt"
 timeout 120 python3 bench/bench_train.py --sd15 --size 64 --threads 8 2>&1 | tail -14 | tee "$out/train.txt"
+# issue 5's scaling run: refine and fuse at 1..1000 concepts on SD1.5-sized layers, then the 10-concept erase
+timeout 200 python3 bench/bench_scale.py --suffix _gpu 2>&1 | grep -v Warning | tail -22 | tee "$out/scale.txt"
+cp bench/out/scale_gpu.md bench/out/scale_gpu.png "$out/" 2>/dev/null
