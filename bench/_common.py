@@ -4,6 +4,7 @@ text features and LoRAs of real shape, and measurement in a fresh process (so ea
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -117,3 +118,48 @@ def run_child(args, threads=None) -> dict:
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def timed_peak(fn, device):
+    """(fn(), seconds, peak extra bytes while it ran): the CUDA allocator's peak on a GPU; on a CPU the process's peak
+    RSS over the RSS at the start, with the peak counter restarted where Linux allows (else the lifetime peak, which
+    making the inputs may already have set: measure in a fresh process, see run_child)."""
+    device = torch.device(device)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        import psutil
+
+        base = psutil.Process().memory_info().rss
+        hwm = reset_peak_rss()
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        return result, seconds, torch.cuda.max_memory_allocated() - base
+    top = peak_rss() if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result, seconds, max(0, top - base)
+
+
+def reset_peak_rss() -> bool:
+    """Linux: restart the process's peak-RSS counter (VmHWM) here, so the peak is the measured stage's alone."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak_rss() is not None
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

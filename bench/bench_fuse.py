@@ -18,13 +18,10 @@ import argparse
 import json
 import logging
 import os
-import resource
 import tempfile
-import time
 
-import psutil
 import torch
-from _common import CTX, WIDTHS, D, SyntheticEncoder, load_core, make_loras, prior, run_child, sd15_weights, sync
+from _common import CTX, WIDTHS, D, SyntheticEncoder, load_core, make_loras, prior, run_child, sd15_weights, timed_peak
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("bench")
@@ -50,7 +47,7 @@ def reference(core, loras, enc, w0, wp, c, layers=None):
     out = {}
     for k in list(wp)[:layers]:
         targets = [xi @ (wp[k] + lora.delta(k).to(xi.device)).T for xi, lora in zip(xs, loras)]
-        targets += [prior_rows @ w0[k].T, ridge @ wp[k].T]
+        targets += [prior_rows @ wp[k].T, ridge @ wp[k].T]  # prior held to the input, as fuse() does by default
         out[k] = torch.linalg.lstsq(rows, torch.cat(targets)).solution.T - wp[k]
     return out
 
@@ -70,20 +67,7 @@ def measure(which, n, layers, device):
     else:
         fn = lambda: reference(core, loras, enc, w0, wp, c, layers)
         reference(core, loras[:1], enc, w0, wp, c, 1)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = psutil.Process().memory_info().rss
-    t0 = time.perf_counter()
-    result = fn()
-    sync(device)
-    dt = time.perf_counter() - t0
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+    result, dt, peak = timed_peak(fn, device)
     sample = {k: v.cpu() for k, v in list(result.items())[:2]}
     return dt, peak, sample
 

@@ -14,13 +14,11 @@ import argparse
 import json
 import logging
 import os
-import resource
 import sys
 import time
 
-import psutil
 import torch
-from _common import ROOT, WIDTHS, D, load_core, run_child
+from _common import ROOT, WIDTHS, D, load_core, run_child, timed_peak
 
 log = logging.getLogger("bench")
 TEMPLATES = 30
@@ -41,11 +39,6 @@ def features(n_concepts, seed=0):
 def weights(seed=1):
     g = torch.Generator(DEVICE).manual_seed(seed)
     return [torch.randn(w, D, generator=g, device=DEVICE) / D**0.5 for w in WIDTHS for _ in range(2)]
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
 
 
 def ours(cf, n, ws, prior):
@@ -84,24 +77,10 @@ def _measure_here(kind: str, n: int, ref_layers: int | None):
     cf = load_core().closed_form
     ws = weights()
     prior = prior_moment()
-    base = psutil.Process().memory_info().rss
-    if DEVICE == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    sync()
-    t0 = time.perf_counter()
-    if kind == "ours":
-        ours(cf, n, ws, prior)
-    else:
-        reference(n, ws, prior, ref_layers)
-    sync()
-    dt = time.perf_counter() - t0
+    run = (lambda: ours(cf, n, ws, prior)) if kind == "ours" else (lambda: reference(n, ws, prior, ref_layers))
+    _, dt, peak = timed_peak(run, DEVICE)  # on a GPU, GPU memory is what the run spends
     if kind == "reference" and ref_layers:
         dt *= len(ws) / ref_layers
-    if DEVICE == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base  # GPU memory is what a GPU run spends
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     print(json.dumps({"seconds": dt, "peak_bytes": max(0, peak)}))  # read by the parent process
 
 

@@ -28,13 +28,25 @@ import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 
 import psutil
 import torch
-from _common import CTX, ROOT, WIDTHS, D, SyntheticEncoder, load_core, make_loras, prior, run_child, sd15_weights, sync
+from _common import (
+    CTX,
+    ROOT,
+    WIDTHS,
+    D,
+    SyntheticEncoder,
+    load_core,
+    make_loras,
+    prior,
+    run_child,
+    sd15_weights,
+    sync,
+    timed_peak,
+)
 
 OUT = ROOT / "bench" / "out"
 log = logging.getLogger("bench")
@@ -71,45 +83,9 @@ def measure(stage, n, device):
 
     run(SyntheticEncoder(device), items[:1], loras[:1] if loras else None)  # warm-up: kernels, allocator, libraries
     enc = SyntheticEncoder(device)
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = psutil.Process().memory_info().rss
-        hwm = reset_peak_rss()  # else the lifetime peak, which input creation may already have set
-    t0 = time.perf_counter()
-    result = run(enc, items, loras)
-    sync(device)
-    total = time.perf_counter() - t0
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        top = peak_rss() if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peak = max(0, top - base)
+    result, total, peak = timed_peak(lambda: run(enc, items, loras), device)
     assert len(result) == len(w0) and all(torch.isfinite(v).all() for v in result.values())
     return {"solve": total - enc.seconds, "synthetic": enc.seconds, "prompts": enc.prompts, "peak": peak}
-
-
-def reset_peak_rss() -> bool:
-    """Linux: restart the process's peak-RSS counter (VmHWM) here, so the peak is the measured stage's alone."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return peak_rss() is not None
-    except OSError:
-        return False
-
-
-def peak_rss() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def run_isolated(stage, n, device, threads):
