@@ -218,7 +218,8 @@ def parse_concepts(text: str, family: str, anchor: str = "", input_name: str = "
 
 
 class Kept(NamedTuple):
-    """A concept to keep intact; family None: protected in the templates of every type being erased."""
+    """A concept to keep intact: protected in the templates of every type being erased and, when family is given, in
+    its own type's too (refine.keep_moment)."""
     name: str
     family: str | None = None
 
