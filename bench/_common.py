@@ -1,8 +1,10 @@
 """What the benches share: SD1.5's cross-attention layout, mace_core loaded by path (host-free), synthetic weights,
 text features and LoRAs of real shape, and measurement in a fresh process (so each peak memory is its own)."""
 
+import argparse
 import importlib.util
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -163,3 +165,17 @@ def peak_rss() -> int | None:
     except OSError:
         return None
     return None
+
+
+def add_device_args(ap: argparse.ArgumentParser):
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
+
+
+def start(args) -> torch.device:
+    """Logging as the benches print it (the pack's own INFO lines silenced), threads, and the device to measure on."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("MACE").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

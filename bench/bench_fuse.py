@@ -21,7 +21,20 @@ import os
 import tempfile
 
 import torch
-from _common import CTX, WIDTHS, D, SyntheticEncoder, load_core, make_loras, prior, run_child, sd15_weights, timed_peak
+from _common import (
+    CTX,
+    WIDTHS,
+    D,
+    SyntheticEncoder,
+    add_device_args,
+    load_core,
+    make_loras,
+    prior,
+    run_child,
+    sd15_weights,
+    start,
+    timed_peak,
+)
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("bench")
@@ -90,16 +103,11 @@ def main():
     ap.add_argument("--ref-layers", type=int, default=None,
                     help="time the reference on this many matrices and scale to 32 (0 = all; default: all on a GPU, "
                          "2 on CPU)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
+    add_device_args(ap)
     ap.add_argument("--one", choices=["ours", "ref"], help=argparse.SUPPRESS)  # child mode of run_isolated
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("MACE").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = start(args)
     layers = args.ref_layers if args.ref_layers is not None else (0 if device.type == "cuda" else 2)
     layers = layers or None
     if args.one:

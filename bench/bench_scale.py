@@ -39,11 +39,13 @@ from _common import (
     WIDTHS,
     D,
     SyntheticEncoder,
+    add_device_args,
     load_core,
     make_loras,
     prior,
     run_child,
     sd15_weights,
+    start,
     sync,
     timed_peak,
 )
@@ -299,19 +301,14 @@ def _panel(draw, font, box, xs, series, ylabel, log_y=True):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", default="1,10,100,1000")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_args(ap)
     ap.add_argument("--no-encode", action="store_true", help="skip measuring the CLIP-L encoding rate")
     ap.add_argument("--suffix", default="", help="written as scale<suffix>.md / .png")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end erase on the tiny model")
     ap.add_argument("--e2e-concepts", type=int, default=10)
     ap.add_argument("--one", choices=["refine", "fuse", "e2e"], help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("MACE").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = start(args)
     if args.one:
         fn = measure_e2e if args.one == "e2e" else lambda n, d: measure(args.one, n, d)
         print(json.dumps(fn(int(args.counts), device)))  # read by the parent process

@@ -122,6 +122,16 @@ def test_inputs_added_last_and_optional(pack):
                                      "preservation_strength", "lambda_"], "existing inputs keep their order"
 
 
+def check_and_report(out, keys, watch, dt, what):
+    """Every cross-attention matrix patched with finite values; the run's time and memory logged and printed."""
+    assert sorted(out.patches) == keys
+    assert all(torch.isfinite(delta(out, k)).all() for k in keys)
+    msg = (f"{what}: {dt:.1f}s, RSS growth {watch.growth / 2**20:.1f} MiB, at most {watch.max_alive} encoder outputs "
+           f"alive, {watch.made} encoded")
+    log.info(msg)
+    print("\n" + msg)
+
+
 def test_thousand_concept_refine_from_a_file_streams(pack, mods, tiny, input_dir, monkeypatch):
     model, clip = tiny
     (input_dir / "thousand.csv").write_text(big_csv())
@@ -133,13 +143,8 @@ def test_thousand_concept_refine_from_a_file_streams(pack, mods, tiny, input_dir
         out = pack[REFINE].execute(model, clip, "", "celebrity", "", "Tom Hanks", 1.0, 0.01,
                                    concept_file="thousand.csv").result[0]
         dt = time.perf_counter() - t0
-    keys = mods.host.cross_attention_keys(model)
-    assert sorted(out.patches) == keys
-    assert all(torch.isfinite(delta(out, k)).all() for k in keys)
-    msg = (f"refine 1000 concepts (200 distinct anchors, 4 types): {dt:.1f}s, RSS growth "
-           f"{watch.growth / 2**20:.1f} MiB, at most {watch.max_alive} encoder outputs alive, {watch.made} encoded")
-    log.info(msg)
-    print("\n" + msg)
+    check_and_report(out, mods.host.cross_attention_keys(model), watch, dt,
+                     "refine 1000 concepts (200 distinct anchors, 4 types)")
     assert watch.calls >= 1000, "the node reported progress per concept"
     assert watch.made >= 1000 + 200
     assert watch.max_alive <= ALIVE_BOUND, "per-concept or per-anchor features are being kept"
@@ -167,12 +172,7 @@ def test_thousand_lora_fusion_streams(pack, mods, tiny, monkeypatch):
         t0 = time.perf_counter()
         out = pack[FUSE].execute(model, clip, bundle, "Tom Hanks", 1.0, 0.01).result[0]
         dt = time.perf_counter() - t0
-    assert sorted(out.patches) == keys
-    assert all(torch.isfinite(delta(out, k)).all() for k in keys)
-    msg = (f"fuse 1000 rank-1 LoRAs (4 types): {dt:.1f}s, RSS growth {watch.growth / 2**20:.1f} MiB, at most "
-           f"{watch.max_alive} encoder outputs alive, {watch.made} encoded")
-    log.info(msg)
-    print("\n" + msg)
+    check_and_report(out, keys, watch, dt, "fuse 1000 rank-1 LoRAs (4 types)")
     assert watch.calls >= 1000 and watch.made >= 1000
     assert watch.max_alive <= ALIVE_BOUND
     assert watch.growth < RSS_BOUND
