@@ -48,7 +48,7 @@ def run(mods, world, n, args):
     t0 = time.perf_counter()
     models = ee.erase(world, erased, settings)
     with torch.inference_mode():
-        out = {p: ee.scores(world, m, erased, range(args.seeds)) for p, m in models.items()}
+        out = {p: ee.scores(world, m, erased, range(args.seeds), detail=True) for p, m in models.items()}
     log.info("erased %d in %.0f s", n, time.perf_counter() - t0)
     return out, models
 
@@ -98,6 +98,20 @@ def table(results) -> str:
     return "\n".join(rows)
 
 
+MISS_LABELS = {"acc_e": "erased, still drawn", "acc_g": "synonyms, still drawn", "acc_s": "kept, lost"}
+
+
+def miss_list(results) -> str:
+    """The concepts behind each number: a line per (count, pipeline) naming what was still drawn or lost."""
+    rows = []
+    for n, res in results.items():
+        for name, m in res.items():
+            parts = [f"{MISS_LABELS[k]}: " + ", ".join(f"{c} {v}" for c, v in per.items())
+                     for k, per in m.get("misses", {}).items() if per]
+            rows.append(f"- {n} erased, {name}: " + ("; ".join(parts) if parts else "nothing missed"))
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", default="1,4,8")
@@ -127,7 +141,7 @@ def main():
     counts = [int(c) for c in args.counts.split(",")]
     for n in counts:
         results[n], models = run(mods, world, n, args)
-        log.info("\n%s", table({n: results[n]}))
+        log.info("\n%s\n%s", table({n: results[n]}), miss_list({n: results[n]}))
         if args.grid and n == max(counts):
             ee = mods["erasure_eval"]
             grid(mods, world, ee.ORDER[:n], models[ee.ORIGINAL], models[ee.MACE], Path(str(GRID).format(args.suffix)))
@@ -135,7 +149,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "threads"}
     (out / f"eval_world{args.suffix}.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    (out / f"eval_world{args.suffix}.md").write_text(table(results) + f"\n\nSettings: {settings}\n")
+    (out / f"eval_world{args.suffix}.md").write_text(f"{table(results)}\n\nPer concept (cases out of seeds):\n\n"
+                                                     f"{miss_list(results)}\n\nSettings: {settings}\n")
     print(table(results))  # the bench's report
 
 

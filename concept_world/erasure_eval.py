@@ -54,16 +54,40 @@ def harmonic(acc_e, acc_g, acc_s, eps=1e-6) -> float:
     return 3 / (1 / max(1 - acc_e, eps) + 1 / max(acc_s, eps) + 1 / max(1 - acc_g, eps))
 
 
-def scores(world, model, erased, seeds) -> dict:
-    """Acc_e, Acc_g, Acc_s and H of `model` with the concepts `erased` (names) gone."""
+def scores(world, model, erased, seeds, detail: bool = False) -> dict:
+    """Acc_e, Acc_g, Acc_s and H of `model` with the concepts `erased` (names) gone.
+
+    detail: also "misses", the cases behind each number that went the wrong way, per concept (see misses())."""
     erased_ids = [spec.concept_index(n) for n in erased]
     kept_ids = [i for i in range(len(spec.CONCEPTS)) if i not in erased_ids]
-    out = {}
+    out, found = {}, {}
     for key, ids, names in (("acc_e", erased_ids, "canonical"), ("acc_g", erased_ids, "synonyms"),
                             ("acc_s", kept_ids, "canonical")):
         cid, pred = evaluate.hits(world, ids, names, seeds, model=model)
         out[key] = float((cid == pred).float().mean())
+        found[key] = (cid, pred)
     out["H"] = harmonic(out["acc_e"], out["acc_g"], out["acc_s"])
+    if detail:
+        out["misses"] = misses(found)
+    return out
+
+
+def misses(found: dict) -> dict:
+    """Where a score lost: {"acc_e"/"acc_g": {erased concept: cases still drawn}, "acc_s": {kept concept: cases
+    drawn as something else}}, each "k/n" with what was drawn instead when a kept concept was lost (the classifier's
+    most frequent other answer), so a table's number can be traced to the concepts behind it."""
+    out = {}
+    for key, (cid, pred) in found.items():
+        per = {}
+        for c in cid.unique().tolist():
+            got = pred[cid == c]
+            wrong = got[got != c] if key == "acc_s" else got[got == c]
+            if len(wrong):
+                entry = f"{len(wrong)}/{len(got)}"
+                if key == "acc_s":
+                    entry += f" as {spec.CLASS_NAMES[int(wrong.mode().values)]}"
+                per[spec.CONCEPTS[c].name] = entry
+        out[key] = per
     return out
 
 
@@ -94,12 +118,13 @@ def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES) -
     return {p: out[p] for p in pipelines}
 
 
-def measure(world, erased, seeds=range(6), settings: Settings = Settings(), pipelines=PIPELINES) -> dict:
+def measure(world, erased, seeds=range(6), settings: Settings = Settings(), pipelines=PIPELINES,
+            detail: bool = False) -> dict:
     """{pipeline: scores} for erasing the concepts `erased` (names) with `settings`."""
     t0 = time.perf_counter()
     models = erase(world, erased, settings, pipelines)
     with torch.inference_mode():
-        out = {p: scores(world, m, erased, seeds) for p, m in models.items()}
+        out = {p: scores(world, m, erased, seeds, detail) for p, m in models.items()}
     log.info("concept world: erased %d concepts, %d pipelines scored in %.0f s (settings %s)", len(erased),
              len(out), time.perf_counter() - t0, asdict(settings))
     return out
