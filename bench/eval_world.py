@@ -6,6 +6,7 @@ reports
     Acc_e  erased concepts still drawn (lower is better)      Acc_g  their synonyms still drawn (lower is better)
     Acc_s  kept concepts drawn correctly (higher is better)   H = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g))
 for the full pipeline and its ablations: refine only; refine + LoRAs summed (no fusion); LoRAs fused without refine.
+Beside the table it lists the concepts behind each number: erased ones still drawn, kept ones lost and drawn as what.
 
     python bench/eval_world.py                       # writes bench/out/eval_world.md (+ .json) and the grid
     python bench/eval_world.py --counts 1 --seeds 4  # quicker
