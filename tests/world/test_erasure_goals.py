@@ -1,6 +1,7 @@
-"""Erasure quality on the full concept world, the issue's goals asserted at one point: erasing one concept (a person,
-"Tomas Lindqvist") with the nodes' default settings removes it and its synonyms and keeps the other 19 concepts.
-The full table (1, 4 and 8 concepts, every ablation) is bench/eval_world.py's."""
+"""Erasure quality on the full concept world, the issue's goals asserted at one point each: erasing one concept (a
+person, "Tomas Lindqvist") with the nodes' default settings removes it and its synonyms and keeps the other 19
+concepts; erasing eight, the full pipeline beats each ablation. The full table (1, 4 and 8 concepts, every ablation)
+is bench/eval_world.py's."""
 
 import pytest
 import torch
@@ -21,6 +22,16 @@ def world(cw):
     return cw.load_or_train(seed=0)
 
 
+def _unloaded_weights(world):
+    """The world's UNet weights with every model unloaded. Sampling a patched clone patches the weights it shares with
+    the world's model in place until ComfyUI unloads it (ComfyUI's own mechanism, restored from its backup), so only
+    unloaded weights say whether the world's model itself changed."""
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
+    return {k: v.clone() for k, v in world.model.model.diffusion_model.state_dict().items()}
+
+
 def _weights(model):
     host = pack_import("nodes.host")
     keys = host.cross_attention_keys(model)
@@ -29,7 +40,7 @@ def _weights(model):
 
 
 def test_one_concept_erased_others_kept(ee, world):
-    raw = {k: v.clone() for k, v in world.model.model.diffusion_model.state_dict().items()}
+    raw = _unloaded_weights(world)
     before = _weights(world.model)
     first = ee.erase(world, ERASED, pipelines=(ee.MACE,))[ee.MACE]
     second = ee.erase(world, ERASED, pipelines=(ee.MACE,))[ee.MACE]
@@ -48,3 +59,22 @@ def test_one_concept_erased_others_kept(ee, world):
     assert s["acc_s"] >= original["acc_s"] - 0.05, (s, original)
     with torch.inference_mode():
         assert ee.scores(world, second, ERASED, range(6)) == s, "same seed, same world, same numbers"
+
+
+def test_full_pipeline_beats_each_ablation_at_eight(ee, world):
+    """The issue's second goal, the comparison half: erasing 8 of the 20 (people, objects and styles mixed), the full
+    pipeline scores a higher H than refinement alone, than refinement + LoRAs summed and than LoRAs fused without
+    refinement. The LoRA rate is 1e-2, at which every stage moves this small model (README); the world's own model
+    stays unchanged. H >= 0.85, the other half, is not met yet (0.81, README): the bench reports it."""
+    erased = ee.ORDER[:8]
+    raw = _unloaded_weights(world)
+    settings = ee.Settings(lr=1e-2)
+    pipelines = (ee.REFINE, ee.SUMMED, ee.MACE, ee.NO_REFINE)
+    with torch.inference_mode():
+        got = ee.measure(world, erased, range(6), settings, pipelines)
+    h = {p: round(s["H"], 3) for p, s in got.items()}
+    for ablation in (ee.REFINE, ee.SUMMED, ee.NO_REFINE):
+        assert got[ee.MACE]["H"] > got[ablation]["H"], h
+    assert got[ee.MACE]["acc_e"] <= 0.25, got[ee.MACE]
+    after = _unloaded_weights(world)
+    assert all(torch.equal(raw[k], after[k]) for k in raw) and not world.model.patches, "the world's model changed"
