@@ -118,13 +118,12 @@ def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES) -
     return {p: out[p] for p in pipelines}
 
 
-def measure(world, erased, seeds=range(6), settings: Settings = Settings(), pipelines=PIPELINES,
-            detail: bool = False) -> dict:
+def measure(world, erased, seeds=range(6), settings: Settings = Settings(), pipelines=PIPELINES) -> dict:
     """{pipeline: scores} for erasing the concepts `erased` (names) with `settings`."""
     t0 = time.perf_counter()
     models = erase(world, erased, settings, pipelines)
     with torch.inference_mode():
-        out = {p: scores(world, m, erased, seeds, detail) for p, m in models.items()}
+        out = {p: scores(world, m, erased, seeds) for p, m in models.items()}
     log.info("concept world: erased %d concepts, %d pipelines scored in %.0f s (settings %s)", len(erased),
              len(out), time.perf_counter() - t0, asdict(settings))
     return out
