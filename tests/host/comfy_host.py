@@ -54,6 +54,17 @@ def boot():
     _booted = True
 
 
+def unload_all():
+    """Unload every model, so the shared modules hold their original weights again (a loaded patched clone patches
+    them in place until unloaded). Under inference mode, as the executor does: on a GPU the weights move back to the
+    CPU, and moving inference tensors outside inference mode leaves them unusable."""
+    import comfy.model_management as mm
+    import torch
+
+    with torch.inference_mode():
+        mm.unload_all_models()
+
+
 def tiny_unet_config(model_channels=32, context_dim=64, channel_mult=(1, 2), transformer_depth_middle=1,
                      transformer_depth=1):
     """The keys comfy.model_detection.detect_unet_config yields for an SD1.x UNet, at toy size."""

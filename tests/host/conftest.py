@@ -65,17 +65,10 @@ def mods(pack_module):
 
 @pytest.fixture()
 def unloaded():
-    """No model loaded before or after a test, so the shared tiny modules hold their original weights (a loaded
-    patched clone patches them in place until unloaded). Unloaded under inference mode, as the executor does: on a
-    GPU the weights move back to the CPU, and moving inference tensors outside inference mode leaves them unusable."""
-    import comfy.model_management as mm
-    import torch
-
-    with torch.inference_mode():
-        mm.unload_all_models()
+    """No model loaded before or after a test (comfy_host.unload_all)."""
+    comfy_host.unload_all()
     yield
-    with torch.inference_mode():
-        mm.unload_all_models()
+    comfy_host.unload_all()
 
 
 @pytest.fixture()

@@ -5,7 +5,7 @@ is bench/eval_world.py's."""
 
 import pytest
 import torch
-from world_support import pack_import
+from world_support import comfy_host, pack_import
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,9 @@ def world(cw):
 
 
 def _unloaded_weights(world):
-    """The world's UNet weights with every model unloaded. Sampling a patched clone patches the weights it shares with
-    the world's model in place until ComfyUI unloads it (ComfyUI's own mechanism, restored from its backup), so only
-    unloaded weights say whether the world's model itself changed."""
-    import comfy.model_management
-
-    comfy.model_management.unload_all_models()
+    """The world's UNet weights with every model unloaded: sampling a patched clone patches the weights it shares with
+    the world's model in place until ComfyUI unloads it, so only unloaded weights say whether the model changed."""
+    comfy_host.unload_all()
     return {k: v.clone() for k, v in world.model.model.diffusion_model.state_dict().items()}
 
 
