@@ -10,6 +10,7 @@ Beside the table it lists the concepts behind each number: erased ones still dra
 
     python bench/eval_world.py                       # writes bench/out/eval_world.md (+ .json) and the grid
     python bench/eval_world.py --counts 1 --seeds 4  # quicker
+    python bench/eval_world.py --text-width 96 --counts 8 --lr 2e-2 --no-grid --suffix _text96  # a wider world
 """
 
 import argparse
@@ -126,6 +127,8 @@ def main():
     ap.add_argument("--no-preserve", dest="preserve", action="store_false",
                     help="do not list the kept concepts in `preserve` (the generic prior still applies)")
     ap.add_argument("--world-path", default=None, help="a saved world file (default: the cached world of --world-seed)")
+    ap.add_argument("--text-width", type=int, default=None,
+                    help="a world with wider text features (a multiple of 32; default 64), trained once and cached")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-grid", dest="grid", action="store_false",
                     help="do not write the before/after picture docs/world_erasure_grid<suffix>.png")
@@ -137,7 +140,7 @@ def main():
     torch.set_num_threads(args.threads)
     mods = boot()
     w = mods["world"]
-    world = w.load(args.world_path) if args.world_path else w.load_or_train(args.world_seed)
+    world = w.load(args.world_path) if args.world_path else w.load_or_train(args.world_seed, text_width=args.text_width)
     results = {}
     counts = [int(c) for c in args.counts.split(",")]
     for n in counts:

@@ -67,7 +67,21 @@ def init_clip_(clip_model, g):
                 p.zero_()
 
 
-def new_base_model():
+TEXT_WIDTH = CLIP_CONFIG["hidden_size"]
+HEAD_WIDTH = 32  # text attention head width, kept when the text encoder is widened
+
+
+def configs(text_width: int | None = None) -> tuple[dict, dict]:
+    """(unet_config, clip_config) for a world whose text features (the UNet's context) are text_width wide."""
+    w = TEXT_WIDTH if text_width is None else int(text_width)
+    if w < HEAD_WIDTH or w % HEAD_WIDTH:
+        raise ValueError(f"text width must be a positive multiple of {HEAD_WIDTH}, got {w}")
+    clip = dict(CLIP_CONFIG, hidden_size=w, intermediate_size=2 * w, projection_dim=w,
+                num_attention_heads=w // HEAD_WIDTH)
+    return dict(UNET_CONFIG, context_dim=w), clip
+
+
+def new_base_model(unet_config: dict | None = None):
     """An SD1.5 BaseModel (ComfyUI class) with the world's UNet config, v-prediction, weights uninitialised.
 
     v-prediction, not SD1.5's epsilon: at high noise an epsilon model must reproduce its input exactly, and
@@ -77,7 +91,7 @@ def new_base_model():
     import comfy.model_base
     import comfy.supported_models
 
-    conf = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    conf = comfy.supported_models.SD15(dict(UNET_CONFIG if unet_config is None else unet_config))
     conf.set_inference_dtype(torch.float32, None)
     return comfy.model_base.BaseModel(conf, model_type=comfy.model_base.ModelType.V_PREDICTION)
 
@@ -90,14 +104,15 @@ def patcher(base_model):
                                             offload_device=mm.unet_offload_device())
 
 
-def new_clip():
+def new_clip(clip_config: dict | None = None):
     """comfy.sd.CLIP for SD1 with the bundled tokenizer and the toy text model, weights uninitialised."""
     import comfy.sd
     import comfy.sd1_clip
     import comfy.supported_models_base
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    return comfy.sd.CLIP(target, model_options={"dtype": torch.float32, "clip_l_model_config": dict(CLIP_CONFIG)})
+    config = dict(CLIP_CONFIG if clip_config is None else clip_config)
+    return comfy.sd.CLIP(target, model_options={"dtype": torch.float32, "clip_l_model_config": config})
 
 
 def token_ids(clip, text):

@@ -26,9 +26,10 @@ def default_dir():
     return os.path.join(folder_paths.models_dir, "mace_world")
 
 
-def world_path(seed: int, preset: str = "full", directory=None):
+def world_path(seed: int, preset: str = "full", directory=None, text_width=None):
     directory = default_dir() if directory is None else str(directory)
-    return os.path.join(directory, f"concept_world_v{VERSION}_{preset}_seed{int(seed)}.safetensors")
+    width = f"_text{int(text_width)}" if text_width else ""  # None: the default width, the file name it always had
+    return os.path.join(directory, f"concept_world_v{VERSION}_{preset}{width}_seed{int(seed)}.safetensors")
 
 
 @contextlib.contextmanager

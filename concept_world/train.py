@@ -220,21 +220,21 @@ def _training_threads():
     return max(1, min(n, int(idle + 0.5)))
 
 
-def train_world(seed: int, preset: Preset):
-    """Train every part: (taesd, base_model, clip, classifier, metrics). Runs with gradients even when the
-    caller is under inference_mode (as ComfyUI's executor is)."""
+def train_world(seed: int, preset: Preset, configs: tuple[dict, dict] | None = None):
+    """Train every part: (taesd, base_model, clip, classifier, metrics). configs: (unet_config, clip_config), default
+    nets.configs(). Runs with gradients even when the caller is under inference_mode (as ComfyUI's executor is)."""
     before = torch.get_num_threads()
     threads = _training_threads()
     log.info("concept world: training on %d thread(s)", threads)
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            return _train_world(seed, preset)
+            return _train_world(seed, preset, configs or nets.configs())
     finally:
         torch.set_num_threads(before)
 
 
-def _train_world(seed, preset):
+def _train_world(seed, preset, configs):
     hooks = _Hooks(preset.ae_steps + preset.diff_steps + preset.cls_steps)
     metrics = {"preset": asdict(preset), "seed": seed}
     t_all, cpu_all = time.perf_counter(), time.process_time()
@@ -250,9 +250,9 @@ def _train_world(seed, preset):
 
     t0 = time.perf_counter()
     g = _phase_gen(seed, 2)
-    base = nets.new_base_model()
+    base = nets.new_base_model(configs[0])
     nets.init_unet_(base.diffusion_model, g)
-    clip = nets.new_clip()
+    clip = nets.new_clip(configs[1])
     nets.init_clip_(clip.cond_stage_model, g)
     loss = _train_diffusion(base, clip, preset, g, hooks)
     metrics["diffusion_loss"] = round(loss or 0.0, 5)

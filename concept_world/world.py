@@ -120,9 +120,10 @@ _cache = {}
 def _assemble(groups, meta, seed, preset, path):
     import comfy.sd
 
-    base = nets.new_base_model()
+    # a file carries its own networks' configs (worlds of other text widths load the same way)
+    base = nets.new_base_model(meta.get("unet_config"))
     base.diffusion_model.load_state_dict(groups["unet"], strict=True)
-    clip = nets.new_clip()
+    clip = nets.new_clip(meta.get("clip_config"))
     missing, _ = clip.load_sd(groups["clip"], full_model=True)
     if missing:
         raise ValueError(f"{path}: text encoder keys missing: {missing[:4]}")
@@ -141,17 +142,19 @@ def load(path, seed=0, preset="full"):
     return _assemble(groups, meta, meta.get("seed", seed), meta.get("preset", preset), path)
 
 
-def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=None) -> World:
+def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=None, text_width=None) -> World:
     """The world for a seed: loaded from <models>/mace_world/ when there, else trained (minutes) and saved.
 
     preset "full" is the real world; "smoke" trains for seconds and only proves the plumbing. cache_dir
     overrides the folder (tests use a temporary one for smoke worlds). evaluate (default: full preset only)
-    measures how often the trained model draws the right concept and stores it in world.metrics.
+    measures how often the trained model draws the right concept and stores it in world.metrics. text_width (default
+    nets.TEXT_WIDTH, 64) widens the text encoder and the UNet's context, to see what the world's width does to erasure.
     """
     from . import evaluate as evaluate_mod
     from . import train
 
-    path = store.world_path(seed, preset, cache_dir)
+    configs = nets.configs(text_width)
+    path = store.world_path(seed, preset, cache_dir, None if configs[1] == nets.configs()[1] else text_width)
     key = (path, os.path.getmtime(path) if os.path.exists(path) else None)
     if key[1] is not None and key in _cache:
         return _cache[key]
@@ -167,12 +170,12 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
             world = None
         if world is None:
             log.info("concept world: training seed %d preset %s (saved to %s)", seed, preset, path)
-            taesd, base, clip, cls, metrics = train.train_world(seed, train.PRESETS[preset])
+            taesd, base, clip, cls, metrics = train.train_world(seed, train.PRESETS[preset], configs)
             groups = {"unet": store.state_dict_f32(base.diffusion_model),
                       "clip": store.state_dict_f32(clip.cond_stage_model),
                       "vae": store.state_dict_f32(taesd), "classifier": store.state_dict_f32(cls)}
-            meta = {"seed": seed, "preset": preset, "spec": spec.as_dict(), "unet_config": nets.UNET_CONFIG,
-                    "clip_config": nets.CLIP_CONFIG, "prediction": "v", "sampler": SamplerSettings().__dict__,
+            meta = {"seed": seed, "preset": preset, "spec": spec.as_dict(), "unet_config": configs[0],
+                    "clip_config": configs[1], "prediction": "v", "sampler": SamplerSettings().__dict__,
                     "metrics": metrics}
             world = _assemble(groups, meta, seed, preset, path)
             if (preset != "smoke") if evaluate is None else evaluate:

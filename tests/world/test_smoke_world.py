@@ -87,3 +87,22 @@ def test_world_helpers_generate_and_classify(smoke_world):
     assert images.shape == (1, 1, 64, 64, 3)
     assert smoke_world.concept_masks(images, "red lantern").shape == (1, 1, 64, 64)
     assert smoke_world.concept_masks(images, "stipple style").min() == 1
+
+
+def test_a_wider_world_carries_its_width(cw, tmp_path):
+    """bench/eval_world.py --text-width: the text encoder and the UNet's context widen together, the file is named
+    and described by its width, and loading it by path alone rebuilds the same networks."""
+    import pytest
+
+    world = cw.load_or_train(seed=3, preset="smoke", cache_dir=tmp_path, text_width=96)
+    assert world.path.endswith("_smoke_text96_seed3.safetensors")
+    with torch.no_grad():
+        ctx = world.clip.encode_from_tokens(world.clip.tokenize("a photo of red lantern"))
+    assert ctx.shape == (1, 77, 96)
+    to_k = [v for k, v in world.model.model_state_dict().items() if k.endswith("attn2.to_k.weight")]
+    assert len(to_k) == 7 and all(w.shape[1] == 96 for w in to_k)
+    again = cw.load(world.path)
+    assert torch.equal(world.generate(["red lantern"], [0], steps=2), again.generate(["red lantern"], [0], steps=2))
+    assert "_text" not in cw.load_or_train(seed=3, preset="smoke", cache_dir=tmp_path, text_width=64).path
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cw.load_or_train(seed=3, preset="smoke", cache_dir=tmp_path, text_width=80)
