@@ -154,7 +154,8 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
     from . import train
 
     configs = nets.configs(text_width)
-    path = store.world_path(seed, preset, cache_dir, None if configs[1] == nets.configs()[1] else text_width)
+    width = configs[1]["hidden_size"]
+    path = store.world_path(seed, preset, cache_dir, None if width == nets.TEXT_WIDTH else width)
     key = (path, os.path.getmtime(path) if os.path.exists(path) else None)
     if key[1] is not None and key in _cache:
         return _cache[key]

@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import torch
 from world_support import pack_import
 
@@ -92,8 +93,6 @@ def test_world_helpers_generate_and_classify(smoke_world):
 def test_a_wider_world_carries_its_width(cw, tmp_path):
     """bench/eval_world.py --text-width: the text encoder and the UNet's context widen together, the file is named
     and described by its width, and loading it by path alone rebuilds the same networks."""
-    import pytest
-
     world = cw.load_or_train(seed=3, preset="smoke", cache_dir=tmp_path, text_width=96)
     assert world.path.endswith("_smoke_text96_seed3.safetensors")
     with torch.no_grad():
