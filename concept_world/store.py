@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 FORMAT = "mace-concept-world"
 # bump whenever training, rendering or the spec change: old files are then ignored, never loaded
-VERSION = 4
+VERSION = 6
 GROUPS = ("unet", "clip", "vae", "classifier")
 
 

@@ -1,7 +1,7 @@
 """Erasure quality on the full concept world, the issue's goals asserted at one point each: erasing one concept (a
 person, "Tomas Lindqvist") with the nodes' default settings removes it and its synonyms and keeps the other 19
-concepts; erasing eight, the full pipeline beats each ablation. The full table (1, 4 and 8 concepts, every ablation)
-is bench/eval_world.py's."""
+concepts; erasing eight, H is at least 0.85 and the full pipeline beats each ablation. The full table (1, 4 and 8
+concepts, every ablation) is bench/eval_world.py's."""
 
 import pytest
 import torch
@@ -58,11 +58,11 @@ def test_one_concept_erased_others_kept(ee, world):
         assert ee.scores(world, second, ERASED, range(6)) == s, "same seed, same world, same numbers"
 
 
-def test_full_pipeline_beats_each_ablation_at_eight(ee, world):
-    """The issue's second goal, the comparison half: erasing 8 of the 20 (people, objects and styles mixed), the full
+def test_eight_erased_with_h_at_least_085_and_every_stage_counting(ee, world):
+    """The issue's second goal: erasing 8 of the 20 (people, objects and styles mixed), H >= 0.85, and the full
     pipeline scores a higher H than refinement alone, than refinement + LoRAs summed and than LoRAs fused without
     refinement. The LoRA rate is 1e-2, at which every stage moves this small model (README); the world's own model
-    stays unchanged. H >= 0.85, the other half, is not met yet (0.81, README): the bench reports it."""
+    stays unchanged."""
     erased = ee.ORDER[:8]
     raw = _unloaded_weights(world)
     settings = ee.Settings(lr=1e-2)
@@ -72,6 +72,7 @@ def test_full_pipeline_beats_each_ablation_at_eight(ee, world):
     h = {p: round(s["H"], 3) for p, s in got.items()}
     for ablation in (ee.REFINE, ee.SUMMED, ee.NO_REFINE):
         assert got[ee.MACE]["H"] > got[ablation]["H"], h
+    assert got[ee.MACE]["H"] >= 0.85, (h, got[ee.MACE])
     assert got[ee.MACE]["acc_e"] <= 0.25, got[ee.MACE]
     after = _unloaded_weights(world)
     assert all(torch.equal(raw[k], after[k]) for k in raw) and not world.model.patches, "the world's model changed"
