@@ -103,10 +103,10 @@ def _train_diffusion(base, clip, preset, g, hooks):
     remap[vocab] = torch.arange(len(vocab))
     compact = torch.nn.Parameter(token_table.detach()[vocab].clone())
     params = list(unet.parameters()) + [p for p in text.parameters() if p is not token_table] + [compact]
-    head = None
+    head = None  # the text read-out (see TEXT_CLASS_WEIGHT); a training aid only, not saved
     if TEXT_CLASS_WEIGHT:
         target_of = {p: t for t, prompts in enumerate(table) for p in prompts}
-        end_id = max(ids[""])
+        end_id = clip.tokenizer.clip_l.end_token
         head = torch.nn.Linear(compact.shape[1], len(table))
         with torch.no_grad():
             head.weight.copy_(torch.randn(head.weight.shape, generator=g) / compact.shape[1] ** 0.5)
