@@ -1,49 +1,87 @@
 #!/usr/bin/env bash
-# Sets up everything the pack, its tests and mace-erase need on a fresh machine; safe to run again.
-#  - torch 2.13.0 first (the CPU wheel on these machines; later installs then never pull a CUDA build),
-#  - ComfyUI's own Python dependencies and the pack's,
-#  - a ComfyUI host at $COMFYUI_PATH (default ~/comfy/ComfyUI): extracted from a ComfyUI git directory
-#    ($COMFYUI_GIT_DIR, or the mirror this workplace keeps) when none is there yet,
-#  - the pack linked into the host's custom_nodes, so a ComfyUI server started from it loads the pack.
+# Sets up what the pack, its tests and mace-erase need; safe to run again.
+#
+# Where the ComfyUI host comes from, in this order:
+#   1. COMFYUI_PATH, when it points at a ComfyUI. That is the user's own install: it gets the pack's requirements
+#      (and pytest) only, never pinned host packages, so its torch and frontend stay as they are.
+#   2. Otherwise a headless host at ~/comfy/ComfyUI, extracted from the pinned ComfyUI source archive
+#      ($MACE_COMFYUI_ARCHIVE, else ../shared/host/ beside this checkout), checksum verified.
+#   3. Otherwise the same pinned commit cloned from upstream git.
+# A headless host built here gets torch 2.13.0 first (the CPU wheel; later installs then never pull a CUDA
+# build), then ComfyUI's own requirements less torch/torchvision/torchaudio, so its web UI works too.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-host="${COMFYUI_PATH:-$HOME/comfy/ComfyUI}"
 py="${PYTHON:-python3}"
+pin_version="0.3.64"
+pin_commit="a125cd84b054a57729b5eecab930ca9408719832"
+pin_archive="ComfyUI-${pin_version}-${pin_commit:0:12}.tar.gz"
+pin_sha256="e09020dd5710d2fca5661c536260b604b28b9d1eb5b5898a02178a2a2eca232e"
+upstream="https://github.com/Comfy-Org/ComfyUI"
+marker=".mace-headless-host"
 
 say() { printf '[setup] %s\n' "$*"; }
+is_comfy() { [ -f "$1/comfy/model_patcher.py" ] && [ -f "$1/main.py" ]; }
+pip_install() { "$py" -m pip install -q --disable-pip-version-check "$@"; }
 
-if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.") else 1)' 2>/dev/null; then
-  say "installing torch==2.13.0"
-  "$py" -m pip install -q torch==2.13.0
-fi
-say "installing host and pack requirements"
-"$py" -m pip install -q -r "$here/scripts/requirements-host.txt" -r "$here/requirements.txt"
-
-if [ ! -f "$host/comfy/model_patcher.py" ]; then
-  gitdir="${COMFYUI_GIT_DIR:-}"
-  if [ -z "$gitdir" ]; then
-    for d in /work/.mirror/Comfy-Org+ComfyUI/repo "$HOME/.mirror/Comfy-Org+ComfyUI/repo"; do
-      [ -d "$d" ] && gitdir="$d" && break
-    done
-  fi
-  if [ -n "$gitdir" ]; then
-    say "extracting ComfyUI from $gitdir into $host"
-    mkdir -p "$host"
-    # One tokenizer blob (llama text encoders only) is absent from the snapshot; git still writes the rest.
-    git --git-dir="$gitdir" archive HEAD -- . ':(exclude)comfy/text_encoders/llama_tokenizer/tokenizer.json' \
-      | tar -x -C "$host"
-  else
-    say "no ComfyUI at $host and no ComfyUI git directory found: host tests will skip."
-    say "Clone ComfyUI there (git clone https://github.com/comfyanonymous/ComfyUI $host) or set COMFYUI_PATH."
-  fi
-fi
-
-if [ -d "$host/custom_nodes" ]; then
-  link="$host/custom_nodes/comfyui-mace"
+link_pack() {
+  local link="$1/custom_nodes/comfyui-mace"
+  mkdir -p "$1/custom_nodes"
   if [ "$(readlink -f "$link" 2>/dev/null)" != "$here" ]; then
     rm -rf "$link"
     ln -s "$here" "$link"
     say "linked the pack into $link"
   fi
+}
+
+if [ -n "${COMFYUI_PATH:-}" ] && is_comfy "$COMFYUI_PATH" && [ ! -f "$COMFYUI_PATH/$marker" ]; then
+  host="$(cd "$COMFYUI_PATH" && pwd)"
+  say "using your ComfyUI at $host: installing the pack's requirements only"
+  pip_install -r "$here/requirements.txt"
+  "$py" -c 'import pytest' 2>/dev/null || pip_install pytest
+  link_pack "$host"
+  say "done (host: $host, yours)"
+  exit 0
 fi
+
+host="${COMFYUI_PATH:-$HOME/comfy/ComfyUI}"
+
+if ! "$py" -c 'import torch' 2>/dev/null; then
+  say "installing torch==2.13.0"
+  pip_install torch==2.13.0
+fi
+
+if ! is_comfy "$host"; then
+  archive="${MACE_COMFYUI_ARCHIVE:-$here/../shared/host/$pin_archive}"
+  mkdir -p "$host"
+  if [ -f "$archive" ]; then
+    say "verifying $(basename "$archive")"
+    got="$(sha256sum "$archive" | cut -d' ' -f1)"
+    if [ "$got" != "$pin_sha256" ]; then
+      say "checksum mismatch for $archive (got $got, want $pin_sha256): not extracting it"
+      exit 1
+    fi
+    say "extracting ComfyUI $pin_version into $host"
+    tar -xzf "$archive" -C "$host" --strip-components=1
+  else
+    say "no archive at $archive: cloning ComfyUI $pin_version from upstream"
+    tmp="$host.clone.$$"
+    git clone -q "$upstream" "$tmp"
+    git -C "$tmp" checkout -q "$pin_commit"
+    cp -a "$tmp/." "$host/" && rm -rf "$tmp"
+  fi
+  is_comfy "$host" || { say "the host at $host is incomplete"; exit 1; }
+  touch "$host/$marker"
+fi
+
+if [ -f "$host/$marker" ]; then
+  say "installing ComfyUI's requirements (less torch, torchvision, torchaudio) and the pack's"
+  reqs="$(mktemp)"
+  # spandrel declares torchvision, which would pull another torch: its other requirements are ComfyUI's own.
+  grep -vE '^\s*(torch|torchvision|torchaudio|spandrel)\s*$' "$host/requirements.txt" >"$reqs"
+  pip_install -r "$reqs" -r "$here/requirements.txt" -r "$here/scripts/requirements-dev.txt"
+  pip_install --no-deps spandrel
+  rm -f "$reqs"
+fi
+
+link_pack "$host"
 say "done (host: $host)"
