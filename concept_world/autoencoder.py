@@ -16,6 +16,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from . import cpu
+
 log = logging.getLogger(__name__)
 
 SCALE_FACTOR = 0.18215  # comfy.latent_formats.SD15
@@ -134,7 +136,7 @@ def train_decoder(taesd, sample_images, steps, g, batch=16, crop=4, lr=1e-3, pro
         images = images[:, :, 8 * i:8 * (i + crop), 8 * j:8 * (j + crop)]
         # sampled latents are never exact: teach the decoder to tolerate a little noise
         z = z + 0.1 * torch.randn(z.shape, generator=g) * (torch.rand(batch, 1, 1, 1, generator=g) < 0.5)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cpu.autocast():
             out = taesd.taesd_decoder(z)
         out = out.float()
         loss = F.mse_loss(out, images) + 0.5 * F.l1_loss(out, images)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from . import autoencoder, classifier, nets, render
+from . import autoencoder, classifier, cpu, nets, render
 from .spec import ANCHORS, CONCEPTS, TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def _recon_pool(taesd, n, g, batch=64):
             z = autoencoder.latent_of(x)
             # sampled latents are never exact: the classifier sees the decoder's rendering of noisy ones too
             z = z + torch.rand(z.shape[0], 1, 1, 1, generator=g) * 0.3 * torch.randn(z.shape, generator=g)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with cpu.autocast():
                 out = autoencoder.decode01(taesd, z)
             images.append(out.float().clamp(0, 1).half())
             labels += [render.class_of(t) for t in targets]
@@ -245,7 +245,7 @@ def train_world(seed: int, preset: Preset, configs: tuple[dict, dict] | None = N
     nets.configs(). Runs with gradients even when the caller is under inference_mode (as ComfyUI's executor is)."""
     before = torch.get_num_threads()
     threads = _training_threads()
-    log.info("concept world: training on %d thread(s)", threads)
+    log.info("concept world: training on %d thread(s), %s", threads, cpu.describe())
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode(False), torch.enable_grad():
@@ -302,6 +302,7 @@ def _train_world(seed, preset, configs):
     # wall time depends on what else runs on the machine; CPU seconds / threads is the quiet-machine figure
     metrics["cpu_train_s"] = round(time.process_time() - cpu_all, 1)
     metrics["threads"] = torch.get_num_threads()
+    metrics["cpu_bf16"] = cpu.native_bf16()
     log.info("concept world: phase 3/3 classifier done in %.0f s, held-out accuracy %s; total %.0f s",
              metrics["time_classifier_s"], metrics["classifier"], metrics["time_train_s"])
     return taesd, base, clip, cls, metrics
