@@ -14,6 +14,10 @@ HOST = Path(os.environ.get("COMFYUI_PATH", Path.home() / "comfy" / "ComfyUI")).e
 PACK = Path(__file__).resolve().parents[2]
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
 def available() -> bool:
     return (HOST / "comfy" / "model_patcher.py").is_file()
 

@@ -16,6 +16,8 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def host():
     if not comfy_host.available():
+        if comfy_host.in_ci():
+            pytest.fail(f"CI: no ComfyUI host at {comfy_host.HOST}; run scripts/setup.sh or set COMFYUI_PATH")
         pytest.skip(f"ComfyUI host not found at {comfy_host.HOST} (set COMFYUI_PATH)")
     comfy_host.boot()
     return comfy_host
