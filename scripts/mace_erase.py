@@ -95,7 +95,8 @@ def main(argv=None):
         size=args.size or defaults["size"],
         steps=args.sample_steps or defaults["sample_steps"],
         images=args.images,
-        image_size=args.size or 0,
+        # training images at the model's own size: the world draws at 64 px (0 lets Train pick the family's size)
+        image_size=args.size or (defaults["size"] if world else 0),
         train_steps=args.steps or defaults["steps"],
         prefix=args.name,
         learning_rate=defaults.get("learning_rate", 1e-4),
