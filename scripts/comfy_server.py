@@ -154,3 +154,23 @@ def error_text(entry: dict) -> str | None:
         if kind == "execution_error":
             return f"{data.get('node_type')}: {data.get('exception_message', '').strip()}"
     return f"run ended with status {status.get('status_str')}"
+
+
+def main(argv=None):
+    """Serve the host's web UI with the pack loaded until Ctrl-C: `python3 scripts/comfy_server.py [--port N]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Start the ComfyUI host with this pack and keep it running.")
+    ap.add_argument("--port", type=int, default=8188)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[comfy-server] %(message)s")
+    with ComfyServer(port=args.port, log_file=str(Path.cwd() / "comfyui.log")) as server:
+        log.info("ComfyUI is up: open %s in a browser (its log: comfyui.log); Ctrl-C stops it", server.url)
+        try:
+            server.proc.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
