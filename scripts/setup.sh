@@ -52,7 +52,6 @@ fi
 
 if ! is_comfy "$host"; then
   archive="${MACE_COMFYUI_ARCHIVE:-$here/../shared/host/$pin_archive}"
-  mkdir -p "$host"
   if [ -f "$archive" ]; then
     say "verifying $(basename "$archive")"
     got="$(sha256sum "$archive" | cut -d' ' -f1)"
@@ -61,13 +60,14 @@ if ! is_comfy "$host"; then
       exit 1
     fi
     say "extracting ComfyUI $pin_version into $host"
+    mkdir -p "$host"
     tar -xzf "$archive" -C "$host" --strip-components=1
   else
     say "no archive at $archive: cloning ComfyUI $pin_version from upstream"
     tmp="$host.clone.$$"
     git clone -q "$upstream" "$tmp"
     git -C "$tmp" checkout -q "$pin_commit"
-    cp -a "$tmp/." "$host/" && rm -rf "$tmp"
+    mkdir -p "$host" && cp -a "$tmp/." "$host/" && rm -rf "$tmp"
   fi
   is_comfy "$host" || { say "the host at $host is incomplete"; exit 1; }
   touch "$host/$marker"
