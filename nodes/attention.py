@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import comfy.model_management as mm
 import comfy.sample
 import torch
+from einops import rearrange
 
 from ..mace_core.align import concept_positions
 from ..mace_core.attention_loss import (
@@ -77,13 +78,10 @@ class AttentionProbe:
 
     def __call__(self, q, k, v, extra_options):
         heads, d = extra_options["n_heads"], extra_options["dim_head"]
-        b, n, _ = q.shape
-        qh = q.reshape(b, n, heads, d).transpose(1, 2)
-        kh = k.reshape(k.shape[0], -1, heads, d).transpose(1, 2)
-        vh = v.reshape(v.shape[0], -1, heads, d).transpose(1, 2)
+        qh, kh, vh = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
         # float32 logits whatever the model dtype: the loss squares small probabilities
         probs = (torch.matmul(qh.float(), kh.float().transpose(-1, -2)) * d ** -0.5).softmax(-1)
-        out = torch.matmul(probs.to(vh.dtype), vh).transpose(1, 2).reshape(b, n, heads * d)
+        out = rearrange(torch.matmul(probs.to(vh.dtype), vh), "b h n d -> b n (h d)")
         if self.sink is not None and self.positions is not None:
             self.sink(probs.index_select(-1, self.positions.to(probs.device)), extra_options)
         return out
@@ -290,7 +288,8 @@ def attention_maps(model, prompt: Prompt, latents: torch.Tensor, timesteps=MASK_
     def sink(probs, extra_options):
         H, W = extra_options["original_shape"][-2:]
         h, w = layer_hw(H, W, probs.shape[2])
-        maps.append(probs.sum(-1).mean(1).reshape(-1, h, w).float())
+        # probs: (batch, heads, pixels, tokens); the map sums the tokens and averages the heads
+        maps.append(rearrange(probs.sum(-1).mean(1), "b (h w) -> b h w", h=h, w=w).float())
 
     probe.positions, probe.sink = prompt.positions, sink
     for j, t in enumerate(timesteps):
