@@ -254,17 +254,19 @@ def default_image_size(model) -> int:
     return 1024 if ctx >= 2048 else 512
 
 
-def generate_latents(model, clip, text: str, count: int, size: int, seed: int) -> torch.Tensor:
+def generate_latents(model, clip, text: str, count: int, size: int, seed: int, on_step=None) -> torch.Tensor:
     """`count` images of `text` made with the incoming model through ComfyUI's KSampler machinery (seeded, CFG
-    against the empty prompt); returns LATENT samples as a KSampler would output them."""
+    against the empty prompt); returns LATENT samples as a KSampler would output them. `on_step()` is called after
+    each of the GEN_STEPS sampler steps (progress; it may raise to cancel)."""
     ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
     empty = torch.zeros([count, 4, size // ratio, size // ratio])
     latent = comfy.sample.fix_empty_latent_channels(model, empty)
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(text, disable_weights=True))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize("", disable_weights=True))
     noise = comfy.sample.prepare_noise(latent, seed)
+    step = on_step or host.check_cancel
     return comfy.sample.sample(model, noise, GEN_STEPS, GEN_CFG, GEN_SAMPLER, GEN_SCHEDULER, positive, negative,
-                               latent, seed=seed, disable_pbar=True, callback=lambda *a: host.check_cancel())
+                               latent, seed=seed, disable_pbar=True, callback=lambda *a: step())
 
 
 # ---------------------------------------------------------------- attention measurements (no gradient)
