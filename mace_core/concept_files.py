@@ -23,7 +23,17 @@ import hashlib
 import io
 import os
 
-from .concepts import ANCHOR_SEP, FAMILIES, TYPE_SEP, Concept, check_unique, make_concept, parse_entries, where_line
+from .concepts import (
+    ANCHOR_SEP,
+    FAMILIES,
+    TYPE_SEP,
+    Concept,
+    check_unique,
+    default_concepts,
+    make_concept,
+    parse_entries,
+    where_line,
+)
 from .errors import MaceInputError
 
 INPUT = "concept_file"
@@ -205,6 +215,9 @@ def concept_list(box_text: str, family: str, anchor: str = "", file_text: str | 
         entries = box_lines + found
         check_unique(entries, file_input)
     if not entries:
+        defaults = default_concepts(family, anchor)
+        if defaults:
+            return defaults
         raise MaceInputError(box_input, "no concepts given.",
                              "Write one concept per line, e.g. 'Claude Monet', or name a concept_file.")
     return [c for c, _ in entries]

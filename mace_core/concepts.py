@@ -13,6 +13,7 @@ not a concept (a type without a name, two '=>', an unknown type, a name twice) i
 Templates are written for this project; each family has about thirty, so the edit sees the concept in many contexts.
 """
 
+import logging
 import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -25,6 +26,42 @@ DEFAULT_ANCHORS = {
     "style": "art",
     "explicit": "a person wearing clothes",
 }
+
+# The paper's explicit-content run erases these four words, each onto the explicit anchor; a list of type explicit
+# with no names erases them (default_concepts).
+EXPLICIT_TERMS = ("nudity", "naked", "erotic", "sexual")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Stage 2's settings for one concept type, as the paper's configurations set them (MACE @057e7a6, configs/:
+    celebrity, art, object, explicit_content). mask_source is where the loss applies: the paper segments the concept
+    in each image (we derive that region from attention) and trains styles on every pixel."""
+    learning_rate: float
+    steps: int
+    timestep_sampling: str
+    mask_source: str
+
+
+PRESETS = {
+    "object": Preset(1e-5, 50, "importance", "attention"),
+    "celebrity": Preset(1e-4, 50, "importance", "attention"),
+    "style": Preset(1e-4, 50, "importance", "whole image"),
+    "explicit": Preset(1e-5, 120, "uniform", "attention"),
+}
+
+
+def format_lr(lr: float) -> str:
+    """A learning rate as people write it: 1e-4, 1.5e-2."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def describe_presets() -> str:
+    """The table as one line, for tooltips and logs: one text, so the UI shows what the code does."""
+    return "; ".join(f"{f}: lr {format_lr(p.learning_rate)}, {p.steps} steps, {p.timestep_sampling} timesteps"
+                     + (", whole-image masks" if p.mask_source == "whole image" else "") for f, p in PRESETS.items())
+
 
 TEMPLATES = {
     "object": [
@@ -69,6 +106,8 @@ TEMPLATES = {
 # ComfyUI gives these a meaning in prompts (weights, embeddings); a name containing them would not erase
 # the words a user later types, so we refuse them instead of guessing.
 _SYNTAX = ("(", ")", ":", "embedding:", "\\")
+
+log = logging.getLogger("MACE")
 
 ANCHOR_SEP = "=>"
 TYPE_SEP = "|"
@@ -207,11 +246,23 @@ def check_unique(entries: list[tuple[Concept, str]], input_name: str = "concepts
     return [c for c, _ in entries]
 
 
+def default_concepts(family: str, anchor: str = "") -> list[Concept]:
+    """What an empty list of a type means: for explicit, the paper's four words onto the explicit anchor (or the node's
+    anchor); for any other type nothing (there is no generic celebrity to erase), which the callers refuse."""
+    if family != "explicit":
+        return []
+    log.info("MACE: no concepts given for type explicit; erasing the paper's list (%s)", ", ".join(EXPLICIT_TERMS))
+    a = default_anchor(family, family, anchor)
+    return [Concept(name, a, family) for name in EXPLICIT_TERMS]
+
+
 def parse_concepts(text: str, family: str, anchor: str = "", input_name: str = "concepts") -> list[Concept]:
-    """One concept per line (see the module docstring for the line syntax); blank and # lines are ignored."""
+    """One concept per line (see the module docstring for the line syntax); blank and # lines are ignored. An empty
+    list of type explicit is the paper's explicit list (default_concepts)."""
     from .errors import MaceInputError
 
-    out = check_unique(parse_entries(text, family, anchor, input_name), input_name)
+    out = check_unique(parse_entries(text, family, anchor, input_name), input_name) or \
+        default_concepts(family, anchor)
     if not out:
         raise MaceInputError(input_name, "no concepts given.", "Write one concept per line, e.g. 'Claude Monet'.")
     return out

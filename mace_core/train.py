@@ -11,6 +11,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .concepts import PRESETS, format_lr
 from .errors import MaceInputError
 
 
@@ -22,19 +23,89 @@ class ConceptTask(Protocol):
         """The scalar loss of one training step."""
 
 
+# Sane bounds, one source for the node's widgets and for direct callers. With Adam each step moves a factor by about
+# the learning rate whatever the gradient's size, and the down matrix starts at unit scale (init_lora), so above 0.1
+# a rank-1 update leaves the weights' scale within a few steps; below 1e-7 fifty steps change nothing measurable.
+STEPS_MIN, STEPS_MAX = 1, 10000
+LEARNING_RATE_MIN, LEARNING_RATE_MAX = 1e-7, 0.1
+
+
+def check_steps(steps, input_name: str = "steps") -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not STEPS_MIN <= steps <= STEPS_MAX:
+        raise MaceInputError(input_name, f"must be a whole number from {STEPS_MIN} to {STEPS_MAX}, got {steps!r}.",
+                             "The paper trains 50 steps per concept (120 for explicit content).")
+    return steps
+
+
+def check_learning_rate(lr, input_name: str = "learning_rate") -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or \
+            not LEARNING_RATE_MIN <= lr <= LEARNING_RATE_MAX:
+        raise MaceInputError(input_name, f"must be between {LEARNING_RATE_MIN:g} and {LEARNING_RATE_MAX:g}, "
+                                         f"got {lr!r}.",
+                             "The paper uses 1e-4 (celebrities, styles) or 1e-5 (objects, explicit content).")
+    return float(lr)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 50
     learning_rate: float = 1e-4
     seed: int = 0
-    weight_decay: float = 1e-2  # AdamW's usual default
-    max_grad_norm: float = 1.0  # a rank-1 update can take one wild step on an outlier timestep; clipping bounds it
+    weight_decay: float = 1e-2  # the paper's AdamW setting (and AdamW's usual default)
+    max_grad_norm: float = 1.0  # the paper's; a rank-1 update can take one wild step on an outlier timestep
 
     def check(self):
-        if self.steps < 1:
-            raise MaceInputError("steps", f"must be at least 1, got {self.steps}.")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise MaceInputError("learning_rate", f"must be a positive number, got {self.learning_rate}.")
+        check_steps(self.steps)
+        check_learning_rate(self.learning_rate)
+
+
+# The Train node's choice between the paper's settings for each concept's type and the inputs as typed.
+PER_TYPE, CUSTOM = "per type (paper)", "custom"
+SETTINGS = (PER_TYPE, CUSTOM)
+# The node's defaults for the settings a preset supplies (the celebrity preset, which they always were). With
+# per-type settings an input left at its default takes the concept's type's value; any other value is the user's
+# and wins, so a preset never overrides what someone typed.
+DEFAULT_STEPS, DEFAULT_LEARNING_RATE, DEFAULT_TIMESTEPS = 50, 1e-4, "importance"
+
+
+@dataclass(frozen=True)
+class ConceptSettings:
+    """What one concept trains with, and where each value came from ('paper <type>' or 'input')."""
+    steps: int
+    learning_rate: float
+    timestep_sampling: str
+    source: dict
+
+    def describe(self) -> str:
+        return (f"lr {format_lr(self.learning_rate)} ({self.source['learning_rate']}), {self.steps} steps "
+                f"({self.source['steps']}), {self.timestep_sampling} timesteps ({self.source['timestep_sampling']})")
+
+
+def check_settings(settings: str, input_name: str = "settings") -> str:
+    if settings not in SETTINGS:
+        raise MaceInputError(input_name, f"unknown value '{settings}'.", f"Use one of: {', '.join(SETTINGS)}.")
+    return settings
+
+
+def concept_settings(family: str, settings: str, steps: int = DEFAULT_STEPS,
+                     learning_rate: float = DEFAULT_LEARNING_RATE,
+                     timestep_sampling: str = DEFAULT_TIMESTEPS) -> ConceptSettings:
+    """Steps, learning rate and timestep sampling for one concept of `family`. custom: the inputs as given, for every
+    concept. per type (paper): the type's preset (concepts.PRESETS), except an input changed from its default."""
+    check_settings(settings)
+    given = {"steps": check_steps(steps), "learning_rate": check_learning_rate(learning_rate),
+             "timestep_sampling": timestep_sampling}
+    default = {"steps": DEFAULT_STEPS, "learning_rate": DEFAULT_LEARNING_RATE, "timestep_sampling": DEFAULT_TIMESTEPS}
+    preset = PRESETS[family]
+    values, source = {}, {}
+    for name, value in given.items():
+        at_default = math.isclose(value, default[name], rel_tol=1e-6) if name == "learning_rate" else \
+            value == default[name]  # a widget may hand back 1e-4 as 0.00010000000000000002
+        if settings == PER_TYPE and at_default:
+            values[name], source[name] = getattr(preset, name), f"paper {family}"
+        else:
+            values[name], source[name] = value, "input"
+    return ConceptSettings(values["steps"], values["learning_rate"], values["timestep_sampling"], source)
 
 
 def concept_generator(seed: int, index: int) -> torch.Generator:
@@ -44,16 +115,19 @@ def concept_generator(seed: int, index: int) -> torch.Generator:
 
 def init_lora(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator,
               device=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fresh LoRA factors per weight key: down uniform in +-1/sqrt(in) (the usual Kaiming-uniform bound for
-    a=sqrt(5)), up zero, so training starts exactly at the incoming weights. float32 leaves with requires_grad."""
+    """Fresh LoRA factors per weight key, as the paper's training code starts them (diffusers' LoRA layer of its time;
+    peft calls it the "gaussian" init): down ~ N(0, (1/r)^2), up zero, applied with scale 1 (no alpha/r). The zero up
+    matrix makes training start exactly at the incoming weights. The down matrix's scale is what sets the step size:
+    Adam moves the up matrix by about lr per element per step whatever the gradient's size, so the weight moves by
+    about lr x |down|. A Kaiming-uniform start (+-1/sqrt(in)) at the same lr moves it some 20-50x less at 768 wide
+    (bench/bench_lora_step.py). float32 leaves with requires_grad; r is rank capped by the matrix's sides."""
     if rank < 1:
         raise MaceInputError("rank", f"must be at least 1, got {rank}.")
     up, down = {}, {}
     for key in sorted(shapes):
         out_dim, in_dim = shapes[key]
         r = min(rank, out_dim, in_dim)
-        bound = 1.0 / math.sqrt(in_dim)
-        d = (torch.rand((r, in_dim), generator=generator, dtype=torch.float32) * 2 - 1) * bound
+        d = torch.randn((r, in_dim), generator=generator, dtype=torch.float32) / r
         down[key] = d.to(device).requires_grad_(True)
         up[key] = torch.zeros((out_dim, r), dtype=torch.float32, device=device).requires_grad_(True)
     return up, down

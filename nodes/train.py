@@ -14,11 +14,29 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..mace_core import lora_files
 from ..mace_core.attention_loss import TIMESTEP_KINDS, check_mask
-from ..mace_core.concepts import TEMPLATES
+from ..mace_core.concepts import PRESETS, TEMPLATES, describe_presets
 from ..mace_core.errors import MaceInputError
 from ..mace_core.lora_bundle import ConceptLoRA, LoRABundle
 from ..mace_core.text import check_concepts
-from ..mace_core.train import TrainConfig, concept_generator, init_lora, train_task
+from ..mace_core.train import (
+    DEFAULT_LEARNING_RATE,
+    DEFAULT_STEPS,
+    DEFAULT_TIMESTEPS,
+    LEARNING_RATE_MAX,
+    LEARNING_RATE_MIN,
+    PER_TYPE,
+    SETTINGS,
+    STEPS_MAX,
+    STEPS_MIN,
+    TrainConfig,
+    check_learning_rate,
+    check_settings,
+    check_steps,
+    concept_generator,
+    concept_settings,
+    init_lora,
+    train_task,
+)
 from . import attention, host
 from .loras import MaceLoras, inside, loras_root, slug
 from .refine import concept_file_fingerprint, concept_file_input, concept_inputs, read_concepts
@@ -46,19 +64,27 @@ class MACETrainConceptLoRA(io.ComfyNode):
                                                 "Cross-Attention; training starts from its current weights."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with this model."),
                 *concept_inputs(),
-                io.Int.Input("steps", default=50, min=1, max=10000,
-                             tooltip="Training steps per concept (the paper: 50; 120 for explicit content)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5,
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=STEPS_MIN, max=STEPS_MAX,
+                             tooltip=f"Training steps per concept (the paper: 50; 120 for explicit content). With "
+                                     f"settings '{PER_TYPE}', left at {DEFAULT_STEPS} each concept takes its type's "
+                                     "value; any other value is used for every concept."),
+                # round=False: the widget's default rounding to its step would turn 1e-6 into 0
+                io.Float.Input("learning_rate", default=DEFAULT_LEARNING_RATE, min=LEARNING_RATE_MIN,
+                               max=LEARNING_RATE_MAX, step=1e-5, round=False,
                                tooltip="AdamW learning rate (the paper: 1e-4 for celebrities and styles, 1e-5 for "
-                                       "objects and explicit content)."),
+                                       f"objects and explicit content). With settings '{PER_TYPE}', left at 1e-4 "
+                                       "each concept takes its type's value; any other value is used for every "
+                                       "concept."),
                 io.Int.Input("rank", default=1, min=1, max=64,
                              tooltip="Rank of each concept's LoRA on every to_k/to_v matrix (the paper: 1)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed for the generated images, LoRA initialisation, and the image, prompt, "
                                      "timestep and noise of every step. The same seed gives the same LoRAs."),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_KINDS), default="importance",
+                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_KINDS), default=DEFAULT_TIMESTEPS,
                                tooltip="importance: timesteps mostly in 200..400 of 1000, where the layout is "
-                                       "decided (the paper's choice); uniform: any timestep alike."),
+                                       "decided (the paper's choice, except for explicit content); uniform: any "
+                                       f"timestep alike. With settings '{PER_TYPE}', left at {DEFAULT_TIMESTEPS} "
+                                       "each concept takes its type's choice; uniform is used for every concept."),
                 io.Int.Input("images_per_concept", default=8, min=1, max=256,
                              tooltip="How many training images to generate per concept when no latents are "
                                      "given. Ignored when latents are connected."),
@@ -88,6 +114,13 @@ class MACETrainConceptLoRA(io.ComfyNode):
                                         "a concept whose file there was trained with exactly these settings (same "
                                         "model, position in the list, rank, steps, seed, learning rate, data) is "
                                         "loaded instead of trained again. Blank = off."),
+                # last, with a default: saved workflows, which lack it, keep loading
+                io.Combo.Input("settings", options=list(SETTINGS), default=PER_TYPE, optional=True,
+                               tooltip=f"{PER_TYPE}: each concept trains with the paper's settings for its own type "
+                                       f"({describe_presets()}), so a mixed list trains each concept its own way; "
+                                       "steps, learning_rate or timestep_sampling changed from their defaults win "
+                                       "over the preset. custom: steps, learning_rate and timestep_sampling as set, "
+                                       "for every concept. The log lists what each concept used."),
             ],
             outputs=[
                 MaceLoras.Output("loras", display_name="loras",
@@ -107,11 +140,11 @@ class MACETrainConceptLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed,
                 timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0,
-                image_model=None, concept_file="", resume_folder=""):
+                image_model=None, concept_file="", resume_folder="", settings=PER_TYPE):
         bundle, model_out, curves = train_concept_loras(
             model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed, timestep_sampling,
             images_per_concept, mask_source, latents, mask, image_size or 0, image_model, concept_file or "",
-            resume_folder or "")
+            resume_folder or "", settings or PER_TYPE)
         return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
 
 
@@ -124,14 +157,18 @@ class _ConceptData:
 
 
 def mask_mode(source: str, family: str, has_mask: bool) -> str:
+    """auto: the connected mask, else where the paper's preset for the type trains (every pixel for styles, the
+    concept's region, from attention, for the others)."""
     if source == "auto":
-        return "given" if has_mask else ("whole image" if family == "style" else "attention")
+        return "given" if has_mask else PRESETS[family].mask_source
     return source
 
 
 def _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept, mask_source, latents,
-                  mask, image_size, model):
-    TrainConfig(steps, learning_rate).check()
+                  mask, image_size, model, settings):
+    check_steps(steps)
+    check_learning_rate(learning_rate)
+    check_settings(settings)
     if rank < 1:
         raise MaceInputError("rank", f"must be at least 1, got {rank}.")
     if timestep_sampling not in TIMESTEP_KINDS:
@@ -203,21 +240,26 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
     return out
 
 
-def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50, learning_rate=1e-4, rank=1,
-                        seed=0, timestep_sampling="importance", images_per_concept=8, mask_source="auto",
-                        latents=None, mask=None, image_size=0, image_model=None, concept_file="", resume_folder=""):
+def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DEFAULT_STEPS,
+                        learning_rate=DEFAULT_LEARNING_RATE, rank=1, seed=0, timestep_sampling=DEFAULT_TIMESTEPS,
+                        images_per_concept=8, mask_source="auto", latents=None, mask=None, image_size=0,
+                        image_model=None, concept_file="", resume_folder="", settings=PER_TYPE):
     """Validate everything, make or take the data, train one LoRA per concept on a private clone, then build the
-    bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Nothing is applied to the model on
-    failure or cancel; with a resume_folder, each concept's LoRA is written there as soon as it is trained, and
-    concepts already there (same settings) are loaded instead of trained."""
+    bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Each concept trains with the
+    steps, learning rate and timestep sampling that `settings` gives its type (mace_core.train.concept_settings).
+    Nothing is applied to the model on failure or cancel; with a resume_folder, each concept's LoRA is written there
+    as soon as it is trained, and concepts already there (same settings) are loaded instead of trained."""
     items = read_concepts(concepts, concept_type, anchor, concept_file)
     samples, mask = _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept,
-                                  mask_source, latents, mask, image_size, model)
+                                  mask_source, latents, mask, image_size, model, settings)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
     check_concepts(items, enc)
-    cfg = TrainConfig(steps=steps, learning_rate=learning_rate, seed=seed)
-    progress = host.Progress(len(items) * (steps + 1))
+    per = [concept_settings(c.family, settings, steps, learning_rate, timestep_sampling) for c in items]
+    cfgs = [TrainConfig(steps=p.steps, learning_rate=p.learning_rate, seed=seed) for p in per]
+    for c, p in zip(items, per):
+        log.info("MACE train: '%s' (%s): %s", c.name, c.family, p.describe())
+    progress = host.Progress(sum(cfg.steps + 1 for cfg in cfgs))
     t0 = time.perf_counter()
     if image_model is not None:
         host.cross_attention_keys(image_model, clip)
@@ -226,12 +268,12 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50
     loras: list[ConceptLoRA | None] = [None] * len(items)
     resume = None
     if (resume_folder or "").strip():
-        resume = _Resume(resume_folder, items, model, keys, shapes, base, cfg, rank, timestep_sampling, mask_source,
-                         samples, mask, images_per_concept, image_size, image_model)
+        resume = _Resume(resume_folder, items, model, keys, shapes, base, cfgs, per, rank, mask_source, samples,
+                         mask, images_per_concept, image_size, image_model)
         for i in range(len(items)):
             loras[i] = resume.load(i)
             if loras[i] is not None:
-                progress(steps + 1)
+                progress(cfgs[i].steps + 1)
     todo = [i for i in range(len(items)) if loras[i] is None]
     data = _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
                          progress, image_model, only=set(todo))
@@ -244,16 +286,17 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50
             if tm is not None:
                 tm.load()
             for i in todo:  # as mace_core.train.train_concepts, for the concepts not resumed
-                gen = concept_generator(cfg.seed, i)
+                gen = concept_generator(seed, i)
                 up, down = init_lora(shapes, rank, gen, device=tm.device)
-                c, d = items[i], data[i]
-                task = attention.ConceptTask(tm, d.prompts, d.latents, d.masks, up, down, timestep_sampling)
-                losses = train_task(task, cfg, gen, progress)
+                c, d, p = items[i], data[i], per[i]
+                task = attention.ConceptTask(tm, d.prompts, d.latents, d.masks, up, down, p.timestep_sampling)
+                losses = train_task(task, cfgs[i], gen, progress)
                 up = {k: v.detach().float().cpu() for k, v in task.up.items()}
                 down = {k: v.detach().float().cpu() for k, v in task.down.items()}
-                loras[i] = ConceptLoRA(c.name, c.anchor, c.family, next(iter(down.values())).shape[0], steps, up,
-                                       down, meta={"losses": losses, "learning_rate": learning_rate, "seed": seed,
-                                                   "timestep_sampling": timestep_sampling,
+                loras[i] = ConceptLoRA(c.name, c.anchor, c.family, next(iter(down.values())).shape[0], p.steps, up,
+                                       down, meta={"losses": losses, "learning_rate": p.learning_rate, "seed": seed,
+                                                   "timestep_sampling": p.timestep_sampling,
+                                                   "settings": settings, "source": p.source,
                                                    "mask_source": d.mask_source, "images": int(d.latents.shape[0])})
                 if resume is not None:
                     resume.save(i, loras[i])
@@ -267,14 +310,14 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=50
     bundle = LoRABundle(loras, base=base, meta={"stage": "train"})
     model_out = host.with_deltas(model, {k: bundle.summed_delta(k) for k in keys})
     t_all = time.perf_counter() - t0
-    log.info("MACE train: %d concepts x %d steps in %.1fs (data %.1fs, %.2fs per concept of training)",
-             len(items), steps, t_all, t_data, (t_all - t_data) / max(1, len(todo)))
+    log.info("MACE train: %d concepts, %d steps in all, in %.1fs (data %.1fs, %.2fs per concept of training)",
+             len(items), sum(cfg.steps for cfg in cfgs), t_all, t_data, (t_all - t_data) / max(1, len(todo)))
     return bundle, model_out, {lora.concept: lora.meta["losses"] for lora in loras}
 
 
 # ---------------------------------------------------------------- resumable runs
 
-RESUME_VERSION = 1
+RESUME_VERSION = 2  # 2: the paper's LoRA start (normal down matrix) and settings per concept; files of 1 train again
 
 
 def _digest(tensors) -> str:
@@ -289,16 +332,17 @@ def _digest(tensors) -> str:
 class _Resume:
     """One file per concept in models/loras/<folder>, written as soon as the concept is trained. A file is reused only
     when its recorded key matches: the key covers everything the LoRA depends on (base and starting weights, the
-    concept's position in the list, which seeds its generator and data, rank, steps, seed, optimiser settings,
-    timestep sampling, mask mode and its data), so a resumed run gives the LoRAs an uninterrupted run gives."""
+    concept's position in the list, which seeds its generator and data, rank, and the concept's own steps, seed,
+    optimiser settings, timestep sampling, mask mode and its data), so a resumed run gives the LoRAs an uninterrupted
+    run gives."""
 
-    def __init__(self, folder, items, model, keys, shapes, base, cfg, rank, timestep_sampling, mask_source, samples,
-                 mask, images_per_concept, image_size, image_model):
+    def __init__(self, folder, items, model, keys, shapes, base, cfgs, per, rank, mask_source, samples, mask,
+                 images_per_concept, image_size, image_model):
         self.folder = inside(loras_root(), folder.strip(), "resume_folder")
         self.items, self.shapes, self.base = items, shapes, base
         start = host.current_weights(model, keys)
-        run = {"v": RESUME_VERSION, "base": base, "start": _digest(start[k] for k in keys), "rank": rank,
-               "cfg": repr(cfg), "timestep_sampling": timestep_sampling}
+        run = {"v": RESUME_VERSION, "base": base, "start": _digest(start[k] for k in keys), "rank": rank}
+        self.cfgs, self.per = cfgs, per
         if samples is None:
             source = image_model if image_model is not None else model
             run["data"] = {"images": images_per_concept, "size": image_size or attention.default_image_size(model),
@@ -322,7 +366,8 @@ class _Resume:
         c = self.items[i]
         mode = mask_mode(self.mask_source, c.family, self.mask is not None)
         own = {"index": i, "concept": c.name, "anchor": c.anchor, "family": c.family, "mask": mode,
-               "templates": TEMPLATES[c.family] + [attention.data_template(c)]}
+               "templates": TEMPLATES[c.family] + [attention.data_template(c)], "cfg": repr(self.cfgs[i]),
+               "timestep_sampling": self.per[i].timestep_sampling}
         if self.samples is not None:
             part = slice(i * self.k, (i + 1) * self.k)
             own["latents"] = _digest([self.samples[part]])

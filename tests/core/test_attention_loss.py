@@ -108,18 +108,6 @@ def test_check_mask_shapes():
             check_mask(bad, 2, (8, 8))
 
 
-def test_init_lora_starts_at_zero_update_and_is_seeded():
-    shapes = {"a.to_k.weight": (8, 6), "a.to_v.weight": (8, 6)}
-    up, down = init_lora(shapes, 2, torch.Generator().manual_seed(1))
-    up2, down2 = init_lora(shapes, 2, torch.Generator().manual_seed(1))
-    for k in shapes:
-        assert up[k].shape == (8, 2) and down[k].shape == (2, 6)
-        assert not up[k].any() and down[k].abs().max() <= 6 ** -0.5
-        assert torch.equal(down[k], down2[k]) and up[k].requires_grad
-    with pytest.raises(MaceInputError, match="'rank'"):
-        init_lora(shapes, 0, torch.Generator())
-
-
 class _Quadratic:
     """A toy task: the LoRA should learn to cancel a fixed key projection (loss = |(W + up down) x|^2)."""
 

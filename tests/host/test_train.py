@@ -47,11 +47,18 @@ def test_schema(pack):
     assert names[:16] == ["model", "clip", "concepts", "concept_type", "anchor", "steps", "learning_rate", "rank",
                           "seed", "timestep_sampling", "images_per_concept", "mask_source", "latents", "mask",
                           "image_size", "image_model"]
+    assert names[16:] == ["concept_file", "resume_folder", "settings"]
     assert all(i.tooltip for i in s.inputs)
-    assert [i.optional for i in s.inputs][-3:] == [True, True, True]
+    assert [i.optional for i in s.inputs][-4:] == [True, True, True, True]
     defaults = {i.id: getattr(i, "default", None) for i in s.inputs}
     assert (defaults["steps"], defaults["learning_rate"], defaults["rank"], defaults["images_per_concept"]) == \
         (50, 1e-4, 1, 8)
+    settings = s.inputs[-1]
+    assert settings.options == ["per type (paper)", "custom"] and settings.default == "per type (paper)"
+    # the presets are shown where the choice is made
+    assert "explicit: lr 1e-5, 120 steps, uniform timesteps" in settings.tooltip and "custom" in settings.tooltip
+    bounds = {i.id: (i.min, i.max) for i in s.inputs if i.id in ("steps", "learning_rate")}
+    assert bounds == {"steps": (1, 10000), "learning_rate": (1e-7, 0.1)}
     assert [o.display_name for o in s.outputs] == ["loras", "model", "loss_curve"]
     assert s.outputs[0].io_type == "MACE_LORAS"
 
@@ -91,7 +98,9 @@ def test_training_halves_concept_attention_inside_the_mask(mods, tiny):
         m0, u0 = _mass(mods, model, held_out, lat, mask, timesteps), _mass(mods, model, unrelated, lat, whole,
                                                                             timesteps)
         bundle, out, curves = mods.train.train_concept_loras(
-            model, clip, "Claude Monet", "celebrity", steps=30, learning_rate=5e-2, seed=0,
+            # the paper's start moves a rank-1 update along a nearly fixed random input direction; on this 64-wide
+            # random model halving the mass takes more steps than the uniform start needed (30)
+            model, clip, "Claude Monet", "celebrity", steps=60, learning_rate=5e-2, seed=0,
             latents={"samples": lat}, mask=mask, mask_source="given")
         assert_untouched(model, *before)  # before measuring `out`, which patches the shared module while loaded
         m1, u1 = _mass(mods, out, held_out, lat, mask, timesteps), _mass(mods, out, unrelated, lat, whole, timesteps)
@@ -101,12 +110,12 @@ def test_training_halves_concept_attention_inside_the_mask(mods, tiny):
           f"({100 * (u1 / u0 - 1):+.0f}%)")
     assert m1 <= 0.5 * m0
     losses = curves["Claude Monet"]
-    assert len(losses) == 30 and losses[-1] < losses[0]
+    assert len(losses) == 60 and losses[-1] < losses[0]
     keys = mods.host.cross_attention_keys(model)
     assert len(keys) == 14 and sorted(out.patches) == keys
     lora = bundle.loras[0]
     assert (lora.concept, lora.anchor, lora.family, lora.rank, lora.steps) == \
-        ("Claude Monet", "a person", "celebrity", 1, 30)
+        ("Claude Monet", "a person", "celebrity", 1, 60)
     assert lora.keys == keys and lora.meta["mask_source"] == "given"
     assert bundle.base == mods.host.model_fingerprint(model)
 
@@ -239,6 +248,11 @@ def test_cancel_mid_run_raises_comfy_interrupt_and_changes_nothing(mods, tiny, m
     (dict(mask=torch.ones(4, 8, 8)), "mask"),
     (dict(mask_source="given"), "mask"),
     (dict(steps=0), "steps"),
+    (dict(steps=10001), "steps"),
+    (dict(learning_rate=0.5), "learning_rate"),
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(learning_rate=float("nan")), "learning_rate"),
+    (dict(settings="paper"), "settings"),
     (dict(images_per_concept=0), "images_per_concept"),
     (dict(timestep_sampling="cosine"), "timestep_sampling"),
     (dict(concepts=""), "concepts"),
@@ -250,3 +264,112 @@ def test_bad_input_names_the_input(mods, tiny, kwargs, input_name):
     with torch.inference_mode(), pytest.raises(mods.errors.MaceInputError) as e:
         mods.train.train_concept_loras(model, clip, **args)
     assert e.value.input_name == input_name and f"'{input_name}'" in str(e.value)
+
+
+# ---------------------------------------------------------------- the paper's settings per type
+
+MIXED = "Claude Monet | style\na red car | object\nnudity | explicit"
+
+
+def _lat(n, seed=4):
+    return {"samples": torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(seed))}
+
+
+def test_mixed_list_trains_each_concept_with_its_types_preset(mods, tiny, caplog):
+    model, clip = tiny
+    before = state(model)
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="MACE"):
+        bundle, _, curves = mods.train.train_concept_loras(model, clip, MIXED, "celebrity", latents=_lat(3),
+                                                           mask_source="whole image")
+    got = {lora.concept: (lora.meta["learning_rate"], lora.steps, lora.meta["timestep_sampling"], lora.family)
+           for lora in bundle.loras}
+    assert got == {"Claude Monet": (1e-4, 50, "importance", "style"),
+                   "a red car": (1e-5, 50, "importance", "object"),
+                   "nudity": (1e-5, 120, "uniform", "explicit")}
+    assert [len(curves[c]) for c in bundle.concepts] == [50, 50, 120], "each trained its own number of steps"
+    # the log says what each concept used, and where each value came from
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MACE train: '")]
+    assert "MACE train: 'a red car' (object): lr 1e-5 (paper object), 50 steps (paper object), importance " \
+           "timesteps (paper object)" in lines
+    assert any(line.startswith("MACE train: 'nudity' (explicit): lr 1e-5 (paper explicit), 120 steps")
+               for line in lines)
+    assert_untouched(model, *before)
+
+
+def test_typed_values_win_over_the_preset_and_custom_uses_the_inputs(mods, tiny, caplog):
+    model, clip = tiny
+    common = dict(latents=_lat(3), mask_source="whole image", steps=3)
+    with torch.inference_mode(), caplog.at_level(logging.INFO, logger="MACE"):
+        typed, _, _ = mods.train.train_concept_loras(model, clip, MIXED, "celebrity", learning_rate=2e-2, **common)
+        custom, _, _ = mods.train.train_concept_loras(model, clip, MIXED, "celebrity", settings="custom", **common)
+    assert {(lora.meta["learning_rate"], lora.steps) for lora in typed.loras} == {(2e-2, 3)}
+    assert [lora.meta["timestep_sampling"] for lora in typed.loras] == ["importance", "importance", "uniform"], \
+        "left at its default, the timestep choice is still the type's"
+    assert {(lora.meta["learning_rate"], lora.steps, lora.meta["timestep_sampling"]) for lora in custom.loras} == \
+        {(1e-4, 3, "importance")}, "custom: the inputs for every concept, explicit included"
+    assert any("'nudity' (explicit): lr 2e-2 (input), 3 steps (input), uniform timesteps (paper explicit)"
+               in r.getMessage() for r in caplog.records)
+    # the learning rate really is the one used: a larger one moves the LoRA further
+    small, _, _ = mods.train.train_concept_loras(model, clip, "a red car", "object", latents=_lat(1), steps=3,
+                                                 mask_source="whole image")
+    big = next(lora for lora in typed.loras if lora.concept == "a red car")
+    assert small.loras[0].meta["learning_rate"] == 1e-5
+    k = small.loras[0].keys[0]
+    assert float(big.up[k].norm()) > 100 * float(small.loras[0].up[k].norm()) > 0
+
+
+def test_explicit_type_without_names_erases_the_papers_list(mods, tiny):
+    model, clip = tiny
+    with torch.inference_mode():
+        bundle, _, curves = mods.train.train_concept_loras(model, clip, "", "explicit", latents=_lat(4), steps=2,
+                                                           mask_source="whole image")
+    assert bundle.concepts == ["nudity", "naked", "erotic", "sexual"]
+    assert {lora.anchor for lora in bundle.loras} == {"a person wearing clothes"}
+    assert {lora.meta["learning_rate"] for lora in bundle.loras} == {1e-5} and all(len(c) == 2 for c in curves.values())
+
+
+def _widget_names(schema):
+    """The frontend's widget order: every input shown as a widget, seed followed by its control_after_generate."""
+    names = []
+    for i in schema.inputs:
+        if i.get_io_type() in ("INT", "FLOAT", "STRING", "COMBO", "BOOLEAN"):
+            names.append(i.id)
+            if getattr(i, "control_after_generate", False):
+                names.append("control_after_generate")
+    return names
+
+
+# widgets_values of the Train node as saved before `settings` existed (workflows/train_concept_lora.json at the
+# commit before it), and an older run's with a typed learning rate
+SAVED = ["Claude Monet", "style", "", 50, 0.0001, 1, 42, "fixed", "importance", 8, "auto", 0, "", ""]
+
+
+def test_saved_workflows_keep_loading_and_keep_their_values(pack, mods, tiny):
+    import asyncio
+
+    import execution
+
+    schema = pack[NODE].define_schema()
+    names = _widget_names(schema)
+    assert names[:len(SAVED)] == ["concepts", "concept_type", "anchor", "steps", "learning_rate", "rank", "seed",
+                                  "control_after_generate", "timestep_sampling", "images_per_concept",
+                                  "mask_source", "image_size", "concept_file", "resume_folder"], \
+        "the frontend assigns saved values by position: every old widget keeps its place"
+    assert names[len(SAVED):] == ["settings"]
+    for values, lr in ((SAVED, 1e-4), (SAVED[:4] + [1e-2] + SAVED[5:], 1e-2)):
+        inputs = {n: v for n, v in zip(names, values) if n != "control_after_generate"}
+        inputs.update(model=["1", 0], clip=["1", 1])
+        # an API graph saved then: ComfyUI's own validation accepts it without the new input
+        prompt = {"1": {"class_type": "MACEConceptWorld", "inputs": {"seed": 0}},
+                  "2": {"class_type": NODE, "inputs": inputs}}
+        ok, errors, _ = asyncio.run(execution.validate_inputs("test", prompt, "2", {}))
+        assert ok, errors
+        model, clip = tiny
+        args = {k: v for k, v in inputs.items() if k not in ("model", "clip")}
+        args.update(latents=_lat(1))  # the training images given, so the saved 8 are not generated
+        with torch.inference_mode():
+            bundle = pack[NODE].execute(model=model, clip=clip, **{**args, "mask_source": "whole image"}).result[0]
+        lora = bundle.loras[0]
+        assert (lora.concept, lora.family, lora.meta["learning_rate"], lora.steps) == \
+            ("Claude Monet", "style", lr, 50), "a saved workflow trains as it says; a typed value stays"
+        assert lora.meta["settings"] == "per type (paper)"

@@ -1,0 +1,167 @@
+"""Stage 2's start and settings on plain tensors: the paper's LoRA start, its per-type presets, and input bounds."""
+
+import math
+
+import pytest
+import torch
+
+from mace_core.attention_loss import TIMESTEP_KINDS
+from mace_core.concept_files import concept_list
+from mace_core.concepts import EXPLICIT_TERMS, FAMILIES, PRESETS, describe_presets, format_lr, parse_concepts
+from mace_core.errors import MaceInputError
+from mace_core.train import (
+    CUSTOM,
+    PER_TYPE,
+    TrainConfig,
+    concept_settings,
+    init_lora,
+    train_concepts,
+)
+
+SD15 = {f"l{i}.attn2.to_{kv}.weight": (w, 768) for i, w in enumerate([320, 640, 1280, 1280]) for kv in "kv"}
+
+
+def _excess_kurtosis(x: torch.Tensor) -> float:
+    x = x.double().flatten()
+    z = (x - x.mean()) / x.std()
+    return float(z.pow(4).mean() - 3)
+
+
+@pytest.mark.parametrize("rank", [1, 4])
+def test_init_is_the_papers_normal_down_with_std_one_over_rank_and_zero_up(rank):
+    up, down = init_lora(SD15, rank, torch.Generator().manual_seed(0))
+    pooled = torch.cat([down[k].detach().flatten() for k in SD15])  # 8 x 768 x rank draws
+    assert abs(float(pooled.mean())) < 0.05 / rank
+    assert float(pooled.std()) == pytest.approx(1 / rank, rel=0.05)
+    # normal, not uniform: a uniform start has excess kurtosis -1.2 and no value beyond its bound
+    assert abs(_excess_kurtosis(pooled)) < 0.3
+    assert float(pooled.abs().max()) > 3 / rank
+    for k, (out_dim, in_dim) in SD15.items():
+        assert up[k].shape == (out_dim, rank) and down[k].shape == (rank, in_dim)
+        assert not up[k].any() and up[k].requires_grad and down[k].requires_grad
+        assert up[k].dtype == down[k].dtype == torch.float32
+
+
+def test_init_is_seeded_caps_rank_and_names_a_bad_rank():
+    shapes = {"a.to_k.weight": (8, 6), "a.to_v.weight": (4, 3)}
+    up, down = init_lora(shapes, 5, torch.Generator().manual_seed(1))
+    _, down2 = init_lora(shapes, 5, torch.Generator().manual_seed(1))
+    _, down3 = init_lora(shapes, 5, torch.Generator().manual_seed(2))
+    assert all(torch.equal(down[k], down2[k]) for k in shapes)
+    assert not any(torch.equal(down[k], down3[k]) for k in shapes)
+    assert down["a.to_v.weight"].shape == (3, 3) and up["a.to_v.weight"].shape == (4, 3), "rank capped by the sides"
+    with pytest.raises(MaceInputError, match="'rank'"):
+        init_lora(shapes, 0, torch.Generator())
+
+
+def test_init_matches_peft_gaussian_statistics():
+    """peft's "gaussian" LoRA init is the paper's one; ours must draw from the same distribution."""
+    peft = pytest.importorskip("peft")  # through its public API: its layer classes' signatures change by release
+    torch.manual_seed(0)
+    net = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(768, 640, bias=False)),
+                              peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["0"]))
+    layer = net.base_model.model[0]
+    theirs_down, theirs_up = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    up, down = init_lora({"k": (640, 768)}, 4, torch.Generator().manual_seed(0))
+    assert theirs_down.shape == down["k"].shape and theirs_up.shape == up["k"].shape
+    assert not theirs_up.any() and layer.scaling["default"] == 1.0
+    assert float(down["k"].detach().std()) == pytest.approx(float(theirs_down.std()), rel=0.1)
+
+
+def test_first_adam_step_moves_the_weight_by_lr_times_the_down_scale():
+    """Why the start matters: Adam's first step moves each up entry by lr, so |dW| = lr * |down| * sqrt(out); the
+    paper's lr means the paper's step only with the paper's down scale."""
+    torch.manual_seed(0)
+    w = torch.randn(320, 768) / 768**0.5
+    x = torch.randn(768, 16)
+
+    class Task:
+        def __init__(self, gen):
+            self.up, self.down = init_lora({"k": (320, 768)}, 1, gen)
+
+        def parameters(self):
+            return [self.up["k"], self.down["k"]]
+
+        def loss(self, step, gen):
+            return ((w + self.up["k"] @ self.down["k"]) @ x).square().mean()
+
+    lr = 1e-4
+    (task, _), = train_concepts(1, lambda i, g: Task(g), TrainConfig(steps=1, learning_rate=lr))
+    moved = float((task.up["k"] @ task.down["k"]).detach().norm())
+    expected = lr * float(task.down["k"].detach().norm()) * 320**0.5
+    assert moved == pytest.approx(expected, rel=0.1)
+    uniform_down_norm = (768 * (1 / 768) / 3) ** 0.5  # +-1/sqrt(in) uniform: variance 1/(3 in) per entry
+    assert moved > 20 * lr * uniform_down_norm * 320**0.5, "far above a +-1/sqrt(in) start's first step"
+
+
+PAPER = {  # the paper's configs (MACE @057e7a6 configs/): lr, steps, timesteps; styles on the whole image
+    "celebrity": (1e-4, 50, "importance", "attention"),
+    "style": (1e-4, 50, "importance", "whole image"),
+    "object": (1e-5, 50, "importance", "attention"),
+    "explicit": (1e-5, 120, "uniform", "attention"),
+}
+
+
+def test_presets_are_the_papers_for_every_type():
+    assert set(PRESETS) == set(FAMILIES) == set(PAPER)
+    for family, (lr, steps, kind, mask) in PAPER.items():
+        p = PRESETS[family]
+        assert (p.learning_rate, p.steps, p.timestep_sampling, p.mask_source) == (lr, steps, kind, mask), family
+        assert p.timestep_sampling in TIMESTEP_KINDS
+        s = concept_settings(family, PER_TYPE)
+        assert (s.learning_rate, s.steps, s.timestep_sampling) == (lr, steps, kind)
+        assert set(s.source.values()) == {f"paper {family}"}
+    text = describe_presets()
+    assert "explicit: lr 1e-5, 120 steps, uniform timesteps" in text and "whole-image masks" in text
+    assert (format_lr(1e-4), format_lr(1.5e-2), format_lr(0.1)) == ("1e-4", "1.5e-2", "1e-1")
+
+
+def test_custom_wins_over_the_preset():
+    # a value changed from the node's default is the user's: it wins in per-type mode, and says so
+    s = concept_settings("explicit", PER_TYPE, steps=7, learning_rate=1e-2)
+    assert (s.steps, s.learning_rate, s.timestep_sampling) == (7, 1e-2, "uniform")
+    assert s.source == {"steps": "input", "learning_rate": "input", "timestep_sampling": "paper explicit"}
+    s = concept_settings("explicit", PER_TYPE, timestep_sampling="uniform")
+    assert s.timestep_sampling == "uniform" and s.source["timestep_sampling"] == "input"
+    # custom: the inputs for every concept, defaults included
+    s = concept_settings("explicit", CUSTOM)
+    assert (s.steps, s.learning_rate, s.timestep_sampling) == (50, 1e-4, "importance")
+    assert set(s.source.values()) == {"input"}
+    assert "lr 1e-4 (input), 50 steps (input)" in s.describe()
+    # a widget's float noise around the default still counts as the default
+    assert concept_settings("object", PER_TYPE, learning_rate=0.00010000000000000002).learning_rate == 1e-5
+
+
+@pytest.mark.parametrize("kwargs,input_name", [
+    (dict(steps=0), "steps"),
+    (dict(steps=10001), "steps"),
+    (dict(steps=2.5), "steps"),
+    (dict(learning_rate=0.0), "learning_rate"),
+    (dict(learning_rate=-1e-4), "learning_rate"),
+    (dict(learning_rate=0.5), "learning_rate"),
+    (dict(learning_rate=1e-9), "learning_rate"),
+    (dict(learning_rate=math.nan), "learning_rate"),
+    (dict(learning_rate=math.inf), "learning_rate"),
+    (dict(settings="paper"), "settings"),
+])
+def test_out_of_bounds_settings_name_the_input(kwargs, input_name):
+    args = dict(family="celebrity", settings=PER_TYPE)
+    args.update(kwargs)
+    with pytest.raises(MaceInputError) as e:
+        concept_settings(**args)
+    assert e.value.input_name == input_name and f"'{input_name}'" in str(e.value)
+    if input_name != "settings":
+        with pytest.raises(MaceInputError, match=f"'{input_name}'"):
+            TrainConfig(**kwargs).check()
+
+
+def test_explicit_without_names_is_the_papers_list():
+    for parse in (lambda t, f, a="": parse_concepts(t, f, a), lambda t, f, a="": concept_list(t, f, a)):
+        cs = parse("", "explicit")
+        assert [c.name for c in cs] == list(EXPLICIT_TERMS) == ["nudity", "naked", "erotic", "sexual"]
+        assert {c.anchor for c in cs} == {"a person wearing clothes"} and {c.family for c in cs} == {"explicit"}
+        assert {c.anchor for c in parse("  \n# none\n", "explicit", "a dressed person")} == {"a dressed person"}
+        assert [c.name for c in parse("gore", "explicit")] == ["gore"], "names given: only those"
+        for family in ("celebrity", "style", "object"):
+            with pytest.raises(MaceInputError, match="no concepts"):
+                parse("", family)
