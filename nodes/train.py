@@ -222,7 +222,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
             lat = samples[i * k:(i + 1) * k]
         else:
             lat = attention.generate_latents(source, clip, attention.data_template(c).format(c.name), k, size,
-                                             seed + i)
+                                             seed + i, on_step=progress)
         mode = mask_mode(mask_source, c.family, mask is not None)
         if mask is not None and mode != "given" and i == 0:
             log.info("MACE train: mask_source '%s' ignores the connected mask", mask_source)
@@ -236,8 +236,13 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
         log.info("MACE train: '%s': %d images, mask %s (%.0f%% of pixels)", c.name, k, mode,
                  100 * float(m.float().mean()))
         out.append(_ConceptData(prompts, lat, m, mode))
-        progress()
+        progress()  # the mask (or the given data) done
     return out
+
+
+def _data_units(samples) -> int:
+    """Progress units of one concept's data: each sampler step of its generated images, then its masks."""
+    return 1 if samples is not None else attention.GEN_STEPS + 1
 
 
 def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DEFAULT_STEPS,
@@ -259,7 +264,8 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
     cfgs = [TrainConfig(steps=p.steps, learning_rate=p.learning_rate, seed=seed) for p in per]
     for c, p in zip(items, per):
         log.info("MACE train: '%s' (%s): %s", c.name, c.family, p.describe())
-    progress = host.Progress(sum(cfg.steps + 1 for cfg in cfgs))
+    units = _data_units(samples)
+    progress = host.Progress(sum(cfg.steps + units for cfg in cfgs))
     t0 = time.perf_counter()
     if image_model is not None:
         host.cross_attention_keys(image_model, clip)
@@ -273,7 +279,7 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
         for i in range(len(items)):
             loras[i] = resume.load(i)
             if loras[i] is not None:
-                progress(cfgs[i].steps + 1)
+                progress(cfgs[i].steps + units)
     todo = [i for i in range(len(items)) if loras[i] is None]
     data = _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
                          progress, image_model, only=set(todo))

@@ -240,6 +240,29 @@ def test_cancel_mid_run_raises_comfy_interrupt_and_changes_nothing(mods, tiny, m
     assert_untouched(model, *before)
 
 
+def test_progress_covers_image_generation_masks_and_training(mods, tiny):
+    """The bar moves while the training images are sampled (each sampler step), after each concept's masks and at
+    every training step, and ends exactly full: a user sees the long phases move, not a bar stuck at zero."""
+    import comfy.utils
+
+    model, clip = tiny
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    try:
+        with torch.inference_mode():
+            mods.train.train_concept_loras(model, clip, "Claude Monet\nVincent van Gogh", "style", steps=3,
+                                           learning_rate=1e-2, images_per_concept=1, image_size=64,
+                                           mask_source="attention", settings="custom")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    gen = mods.att.GEN_STEPS
+    total = 2 * (gen + 1 + 3)
+    assert seen and all(t == total for _, t in seen), seen[:3]
+    values = [v for v, _ in seen]
+    assert values == sorted(values) and values[-1] == total
+    assert values[:gen] == list(range(1, gen + 1)), "each sampler step of the first concept's images shows"
+
+
 @pytest.mark.parametrize("kwargs,input_name", [
     (dict(latents={"samples": torch.zeros(3, 4, 8, 8)}), "latents"),
     (dict(latents={"samples": torch.zeros(4, 3, 8, 8)}), "latents"),
