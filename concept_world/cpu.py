@@ -21,6 +21,11 @@ def native_bf16() -> bool:
     forced = os.environ.get("MACE_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
+    try:  # kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2, or the hardware) run bf16 emulated
+        if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+            return False
+    except Exception:
+        pass
     cpu = getattr(torch, "cpu", None)
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         fn = getattr(cpu, probe, None)
