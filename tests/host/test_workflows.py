@@ -13,7 +13,7 @@ from comfy_server import ComfyServer, error_text  # noqa: E402
 from pipelines import WORKFLOWS, refine_graph  # noqa: E402
 from workflow_graph import check_ui, node_info, to_ui  # noqa: E402
 
-WF = comfy_host.PACK / "workflows"
+WF = comfy_host.PACK / "example_workflows"
 
 
 @pytest.fixture(scope="module")
