@@ -50,6 +50,8 @@ def preserve_inputs(near: str, what: str):
         io.Float.Input("preservation_strength", default=1.0, min=0.0, max=100.0, step=0.05,
                        tooltip="How much generic prompts and the concepts to keep weigh against the erased "
                                "concepts' prompts (1 = equal total weight, 0 = no preservation)."),
+        # The id stays 'lambda_' (a Python keyword otherwise; saved workflows and API graphs use it); the frontend
+        # 1.27 labels widgets from locales/en/nodeDefs.json, not from display_name, so the label "lambda" is there.
         io.Float.Input("lambda_", display_name="lambda", default=0.01, min=0.0, max=10.0, step=0.001,
                        tooltip=f"Ridge term that keeps weights near {near}, relative to the mean eigenvalue of the "
                                f"concept statistics. Raise it for a gentler {what}."),

@@ -1,4 +1,5 @@
-"""Writes example_workflows/<name>.json (UI format) and example_workflows/api/<name>.json from scripts/pipelines.py.
+"""Writes example_workflows/<name>.json (UI format), its thumbnail <name>.jpg and example_workflows/api/<name>.json
+from scripts/pipelines.py.
 
 Node definitions come from a real ComfyUI booted in-process with the pack loaded, so widget order and defaults are
 the ones the frontend will use. Run after changing a node's inputs or a pipeline: python scripts/make_workflows.py
@@ -16,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests" / "host"))
 
 import comfy_host  # noqa: E402
 from pipelines import WORKFLOWS  # noqa: E402
-from workflow_graph import check_ui, node_info, to_ui  # noqa: E402
+from workflow_graph import check_ui, node_info, thumbnail, to_ui  # noqa: E402
 
 
 def object_info() -> dict:
@@ -38,7 +39,8 @@ def main():
             raise SystemExit(f"{name}: " + "; ".join(problems))
         (ROOT / "example_workflows" / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
         (ROOT / "example_workflows" / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
-        print(f"wrote example_workflows/{name}.json and example_workflows/api/{name}.json")  # a script's own output
+        thumbnail(ui, ROOT / "example_workflows" / f"{name}.jpg", info)
+        print(f"wrote example_workflows/{name}.json, .jpg and api/{name}.json")  # a script's own output
 
 
 if __name__ == "__main__":
