@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests" / "host"))
 
 import comfy_host  # noqa: E402
 from pipelines import WORKFLOWS  # noqa: E402
-from workflow_graph import check_ui, node_info, thumbnail, to_ui  # noqa: E402
+from workflow_graph import check_ui, complete, node_info, thumbnail, to_ui  # noqa: E402
 
 
 def object_info() -> dict:
@@ -32,7 +32,7 @@ def main():
     info = object_info()
     (ROOT / "example_workflows" / "api").mkdir(parents=True, exist_ok=True)
     for name, make in WORKFLOWS.items():
-        api = make().api()
+        api = complete(make().api(), info)
         ui = to_ui(api, info)
         problems = check_ui(ui, info)
         if problems:

@@ -105,6 +105,22 @@ def node_size(info: dict) -> tuple[int, int]:
     return NODE_W, height
 
 
+def complete(api: dict, object_info: dict) -> dict:
+    """The API graph with every widget input stated, optional ones at their defaults: what the frontend's
+    graphToPrompt() sends for the UI file, so the API twin and the dropped file queue the same graph."""
+    out = {}
+    for nid, node in api.items():
+        info = object_info[node["class_type"]]
+        inputs = dict(node["inputs"])
+        for name in _ordered_inputs(info):
+            spec = _spec(info, name)
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if name not in inputs and _is_widget(spec) and "default" in opts:
+                inputs[name] = opts["default"]
+        out[nid] = {**node, "inputs": inputs}
+    return out
+
+
 def _depths(api: dict) -> dict[str, int]:
     """Each node's column: one past the deepest node feeding it, so every link runs left to right."""
     depth: dict[str, int] = {}
