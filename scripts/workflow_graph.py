@@ -62,8 +62,9 @@ def _has_control(spec) -> bool:
 
 
 # Node metrics of ComfyUI's frontend (litegraph, frontend 1.27): the title bar sits above a node's pos, each socket
-# row and each one-line widget takes a fixed height. A node saved smaller than its widgets need keeps that size when
-# loaded and hides the widgets that do not fit, so sizes are computed here, generously, from what the node shows.
+# row and each one-line widget takes a fixed height. A node saved smaller than its widgets need is grown when loaded,
+# over whatever lies below it (issue 16: Train Concept LoRA grew over 'Sample before' and hid its widgets), so sizes
+# are computed here, generously, from what the node shows, and the layout spaces nodes by those sizes.
 TITLE_H = 30
 SLOT_H = 20
 WIDGET_H = 24  # 20 px widget + 4 px spacing (litegraph NODE_WIDGET_HEIGHT)
@@ -90,7 +91,7 @@ def _widget_rows(info: dict, textbox: int) -> list[int]:
 
 
 def min_height(info: dict, textbox: int = TEXTBOX_MIN_H) -> int:
-    """The body height (title excluded, as litegraph stores it) below which the frontend hides widgets."""
+    """The body height (title excluded, as litegraph stores it) the frontend grows a smaller node to."""
     sockets = sum(1 for name in _ordered_inputs(info) if not _is_widget(_spec(info, name)))
     rows = max(sockets, len(info["output"]), 1)
     widgets = _widget_rows(info, textbox)
@@ -236,7 +237,7 @@ def check_ui(ui: dict, object_info: dict, file_inputs=("ckpt_name", "lora_name")
                 problems.append(f"node {n['id']} {n['type']}: required input '{name}' is not connected")
         if "size" in n and n["size"][1] < min_height(info):
             problems.append(f"node {n['id']} {n['type']}: {n['size'][1]} px tall, its widgets need "
-                            f"{min_height(info)}: the frontend would hide some")
+                            f"{min_height(info)}: the frontend would grow it over its neighbours")
         values = n.get("widgets_values", [])
         if len(values) != len(expected):
             problems.append(f"node {n['id']} {n['type']}: {len(values)} widget values for {len(expected)} widgets")

@@ -46,8 +46,7 @@ def test_every_workflow_has_its_template_thumbnail():
 
 
 def test_generated_layouts_show_every_widget_and_never_overlap(object_info):
-    """The issue's case: a node saved smaller than its widgets need keeps that size and hides them; two nodes on
-    top of each other hide one another."""
+    """The issue's case: a node saved smaller than its widgets need is grown on load over the node below it."""
     for name, make in WORKFLOWS.items():
         ui = to_ui(make().api(), object_info)
         assert overlapping(ui) == [], name
@@ -61,7 +60,7 @@ def test_check_ui_catches_overlaps_and_hidden_widgets(object_info):
     b["pos"] = [a["pos"][0] + 10, a["pos"][1] + 10]
     b["size"] = [b["size"][0], 100]
     problems = " | ".join(check_ui(ui, object_info))
-    assert f"nodes {a['id']} and {b['id']} overlap" in problems and "the frontend would hide some" in problems
+    assert f"nodes {a['id']} and {b['id']} overlap" in problems and "would grow it over its neighbours" in problems
 
 
 def test_a_world_seed_never_randomizes(object_info):
