@@ -90,8 +90,8 @@ def page(browser_server, tmp_path_factory):
             assert time.time() < deadline, "the frontend did not load the pack's nodes within 120 s"
             time.sleep(0.5)
         time.sleep(1)  # let the start-up graph settle, so its messages are not counted against a workflow
-        startup = driver.get_log("browser")
-        log.info("frontend start-up: %d console messages", len(startup))
+        driver.startup_log = driver.get_log("browser")
+        log.info("frontend start-up: %d console messages", len(driver.startup_log))
         yield driver
     finally:
         driver.quit()
@@ -120,6 +120,14 @@ const [name, text, done] = arguments;
 """
 
 
+def _pack_errors(console: list[dict]) -> list[str]:
+    """Console errors that name the pack. Offline, the frontend's registry look-ups for a node (api.comfy.org) fail
+    with net:: errors: those are not the pack's."""
+    return [m["message"][:300] for m in console
+            if m["level"] == "SEVERE" and any(mark in m["message"] for mark in PACK_MARKS)
+            and "Failed to load resource: net::" not in m["message"]]
+
+
 def _overlaps(nodes: list[dict]) -> list[tuple]:
     """Pairs of live nodes whose drawn rectangles (title bar above pos included) intersect."""
     boxes = [(n["id"], n["pos"][0], n["pos"][1] - TITLE_H, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
@@ -133,6 +141,12 @@ def _reset(driver):
     driver.execute_script("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click());"
                           "document.querySelectorAll('.p-toast-close-button').forEach(b => b.click());")
     driver.get_log("browser")
+
+
+def test_frontend_starts_without_errors_from_the_pack(page):
+    """Node definitions and the locale file are read at start-up, before any workflow."""
+    assert _pack_errors(page.startup_log) == []
+    assert page.execute_script("return app.graph.nodes.length") > 0, "the start-up graph is on the canvas"
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
@@ -159,10 +173,7 @@ def test_workflow_loads_in_the_real_frontend(page, path):
                             f"{[round(v) for v in n['size']]}")
     problems += [f"dialog: {d!r}" for d in got["dialogs"]]
     problems += [f"toast: {t!r}" for t in got["toasts"]]
-    # Offline, the frontend's registry look-ups for a node (api.comfy.org) fail with net:: errors: not the pack's.
-    problems += [f"console: {m['message'][:300]}" for m in console
-                 if m["level"] == "SEVERE" and any(mark in m["message"] for mark in PACK_MARKS)
-                 and "Failed to load resource: net::" not in m["message"]]
+    problems += [f"console: {m}" for m in _pack_errors(console)]
     problems += [f"nodes {a} and {b} overlap on the canvas" for a, b in _overlaps(got["nodes"])]
     api = json.loads((WF / "api" / path.name).read_text())
     prompt = got["prompt"]
