@@ -138,13 +138,20 @@ def _depths(api: dict) -> dict[str, int]:
 
 
 def auto_layout(api: dict, object_info: dict, origin=(40, 60)) -> dict[str, tuple[list[int], list[int]]]:
-    """Position and size of every node: columns by depth, stacked top to bottom in id order, no two overlapping."""
+    """Position and size of every node: columns by depth, each stacked top to bottom, no two overlapping. A column's
+    nodes go in the order of where their inputs sit (mean height of the nodes feeding them, then id), so a branch
+    reads along a row: 'Sample before' and its decode and save stay level."""
     depth = _depths(api)
     sizes = {nid: node_size(object_info[n["class_type"]]) for nid, n in api.items()}
     out = {}
     x = origin[0]
+
+    def inputs_at(nid):
+        ys = [out[v[0]][0][1] + sizes[v[0]][1] / 2 for v in api[nid]["inputs"].values() if isinstance(v, list)]
+        return sum(ys) / len(ys) if ys else 0.0
+
     for col in range(max(depth.values()) + 1):
-        members = [nid for nid in api if depth[nid] == col]
+        members = sorted((nid for nid in api if depth[nid] == col), key=lambda nid: (inputs_at(nid), int(nid)))
         y = origin[1] + TITLE_H
         for nid in members:
             w, h = sizes[nid]
