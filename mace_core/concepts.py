@@ -196,8 +196,11 @@ def make_concept(name: str, own_anchor: str, own_type: str, family: str, anchor:
     return Concept(name, a, fam)
 
 
-def parse_line(line: str, family: str, anchor: str, where: str, input_name: str = "concepts") -> Concept | None:
-    """`concept`, `concept => anchor`, `concept | type` or `concept => anchor | type`; None for a blank or # line."""
+def split_line(line: str, where: str, input_name: str = "concepts") -> tuple[str, str, str] | None:
+    """The one reading of the line syntax, shared by every box and file that lists concepts: `concept`,
+    `concept => anchor`, `concept | type` or `concept => anchor | type` as (name, anchor, type), each normalised, ''
+    where the line leaves a part out, the type checked and lower-case; None for a blank or # line. The name itself is
+    checked by the caller (make_concept), which knows what a missing one means there."""
     from .errors import MaceInputError
 
     line = line.strip()
@@ -214,7 +217,16 @@ def parse_line(line: str, family: str, anchor: str, where: str, input_name: str 
     if len(parts) > 2:
         raise MaceInputError(input_name, f"{where} ('{line}') has more than one '{ANCHOR_SEP}'.",
                              "Write one anchor per line: 'concept => anchor'.")
-    name, own_anchor = parts[0], parts[1] if len(parts) > 1 else ""
+    anchor = parts[1] if len(parts) > 1 else ""
+    return normalize(parts[0]), normalize(anchor), parse_type(own_type, where, input_name)
+
+
+def parse_line(line: str, family: str, anchor: str, where: str, input_name: str = "concepts") -> Concept | None:
+    """`concept`, `concept => anchor`, `concept | type` or `concept => anchor | type`; None for a blank or # line."""
+    parts = split_line(line, where, input_name)
+    if parts is None:
+        return None
+    name, own_anchor, own_type = parts
     return make_concept(name, own_anchor, own_type, family, anchor, where, input_name)
 
 
@@ -276,19 +288,22 @@ class Kept(NamedTuple):
 
 
 def parse_kept(text: str, input_name: str = "preserve") -> list[Kept]:
-    """Concepts to keep, one per line, each optionally typed (`name | type`); may be empty."""
+    """Concepts to keep, one per line, each optionally typed (`name | type`); may be empty. An anchor means nothing
+    for a kept concept, so `=>` is refused rather than read as part of its name."""
     from .errors import MaceInputError
 
     out = []
     for line_no, raw in enumerate((text or "").splitlines(), 1):
-        line = normalize(raw)
-        if not line or line.startswith("#"):
-            continue
-        name, sep, own_type = line.rpartition(TYPE_SEP) if TYPE_SEP in line else (line, "", "")
         where = where_line(line_no)
-        if sep and not normalize(name):
+        if TYPE_SEP in raw and not normalize(raw.rpartition(TYPE_SEP)[0]):
             raise MaceInputError(input_name, f"{where} has a type but no concept.", "Write 'name | type'.")
-        family = parse_type(own_type, where, input_name) or None
-        _check_name(normalize(name), input_name, line_no)
-        out.append(Kept(normalize(name), family))
+        parts = split_line(raw, where, input_name)
+        if parts is None:
+            continue
+        name, own_anchor, family = parts
+        if own_anchor or ANCHOR_SEP in raw:
+            raise MaceInputError(input_name, f"{where} ('{normalize(raw)}') has '{ANCHOR_SEP}': a concept to keep "
+                                             "has no anchor.", "Write 'name' or 'name | type'.")
+        _check_name(name, input_name, line_no)
+        out.append(Kept(name, family or None))
     return out

@@ -20,7 +20,9 @@ class MACEConceptWorld(io.ComfyNode):
                 "load it."
             ),
             inputs=[
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                # The frontend gives every INT named 'seed' a 'randomize after generate' control unless told not
+                # to; here a new seed means minutes of training a new world, so the seed changes only by hand.
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Which world: every seed trains (once) a different but equally capable model."),
             ],
             outputs=[

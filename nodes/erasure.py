@@ -6,7 +6,7 @@ import os
 from comfy_api.latest import io, ui
 
 from ..mace_core import lora_files
-from ..mace_core.concepts import Concept
+from ..mace_core.concepts import Concept, split_line, where_line
 from ..mace_core.errors import MaceInputError
 from . import host
 from .fuse import erased_concepts
@@ -44,7 +44,8 @@ class MACESaveErasure(io.ComfyNode):
                                         "Concepts fused with MACE Fuse LoRAs are recorded without it."),
                 io.String.Input("concepts", multiline=True, default="", optional=True,
                                 tooltip="Optional: further erased concepts to record (e.g. refined only), one per line "
-                                        "as 'concept' or 'concept => anchor'."),
+                                        "as in the other MACE nodes: 'concept', 'concept => anchor', 'concept | type' "
+                                        "or 'concept => anchor | type'."),
             ],
             outputs=[],
             is_output_node=True,
@@ -63,11 +64,18 @@ def _concepts(model, bundle, text) -> list[Concept]:
     found = {}
     records = erased_concepts(model) + [{"concept": lora.concept, "anchor": lora.anchor, "family": lora.family}
                                         for lora in getattr(bundle, "loras", None) or []]
-    for line in (text or "").splitlines():
-        name, _, anchor = line.partition("=>")
-        name = " ".join(name.split())
-        if name and not name.startswith("#"):
-            records.append({"concept": name, "anchor": " ".join(anchor.split()), "family": ""})
+    # The box takes the concept-list syntax, read by the one parser every MACE node uses: 'Claude Monet | style' is
+    # the concept 'Claude Monet' of type style, not a name with a bar in it. Anchor and type stay as written ('' =
+    # not given): the erasure was made elsewhere, so their defaults are unknown here.
+    for line_no, raw in enumerate((text or "").splitlines(), 1):
+        parts = split_line(raw, where_line(line_no), "concepts")
+        if parts is None:
+            continue
+        name, anchor, family = parts
+        if not name:
+            raise MaceInputError("concepts", f"line {line_no} has an anchor or type but no concept.",
+                                 "Write the concept first: 'concept => anchor | type'.")
+        records.append({"concept": name, "anchor": anchor, "family": family})
     for r in records:
         found.setdefault(r["concept"].lower(), Concept(r["concept"], r["anchor"], r["family"]))
     return list(found.values())

@@ -8,8 +8,9 @@ from comfy_api.latest import io
 from ..mace_core.concepts import parse_kept
 from ..mace_core.fuse import fuse
 from . import host
+from .inputs import preserve_inputs
 from .loras import MaceLoras, check_base
-from .refine import preserve_inputs, prior_for
+from .refine import prior_for
 
 log = logging.getLogger("MACE")
 

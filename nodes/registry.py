@@ -1,23 +1,20 @@
-"""Collects the node classes of every node module into the pack's ComfyUI extension."""
-
-import importlib
+"""The pack's ComfyUI extension: every node it registers, listed by name, so adding a node is one visible line."""
 
 from comfy_api.latest import ComfyExtension
 
-MODULES = ["refine", "train", "loras", "fuse", "erasure", "concept_world"]
+from . import concept_world, erasure, fuse, loras, refine, train
 
 
 def all_nodes() -> list:
-    found = []
-    for name in MODULES:
-        try:
-            mod = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(f"nodes.{name}"):
-                continue  # this node family is not part of the build
-            raise
-        found += list(getattr(mod, "NODES", []))
-    return found
+    return [
+        refine.MACERefineCrossAttention,
+        train.MACETrainConceptLoRA,
+        loras.MACESaveLoRAs,
+        loras.MACELoadLoRAs,
+        fuse.MACEFuseLoRAs,
+        erasure.MACESaveErasure,
+        concept_world.MACEConceptWorld,
+    ]
 
 
 class MaceExtension(ComfyExtension):

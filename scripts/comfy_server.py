@@ -1,7 +1,7 @@
 """Start a real ComfyUI server on 127.0.0.1, run an API-format graph on it with progress, stop it by its PID.
 
-Used by mace_erase.py, the end-to-end test and make_workflows.py. Needs only the standard library, aiohttp and tqdm
-(both ComfyUI dependencies).
+Used by mace_erase.py and the server and browser tests; run on its own (python3 scripts/comfy_server.py) it keeps
+the host's UI open on port 8188. Needs only the standard library, aiohttp and tqdm (both ComfyUI dependencies).
 """
 
 import asyncio
@@ -156,16 +156,21 @@ def error_text(entry: dict) -> str | None:
     return f"run ended with status {status.get('status_str')}"
 
 
-def main(argv=None):
-    """Serve the host's web UI with the pack loaded until Ctrl-C: `python3 scripts/comfy_server.py [--port N]`."""
+def main():
+    """Open the UI: start the host ComfyUI (the pack linked into its custom_nodes by setup.sh) and keep it running."""
     import argparse
 
-    ap = argparse.ArgumentParser(description="Start the ComfyUI host with this pack and keep it running.")
-    ap.add_argument("--port", type=int, default=8188)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[comfy-server] %(message)s")
-    with ComfyServer(port=args.port, log_file=str(Path.cwd() / "comfyui.log")) as server:
-        log.info("ComfyUI is up: open %s in a browser (its log: comfyui.log); Ctrl-C stops it", server.url)
+    ap = argparse.ArgumentParser(prog="comfy_server", description=main.__doc__)
+    ap.add_argument("--port", type=int, default=8188, help="port on 127.0.0.1 (default 8188)")
+    ap.add_argument("--host", type=Path, default=None, help="the ComfyUI folder (default: $COMFYUI_PATH or "
+                                                            "~/comfy/ComfyUI)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # SIGTERM (kill, timeout) must leave through the with-block too, or the server, in its own session, outlives us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with ComfyServer(host=args.host, port=args.port) as server:
+        log.info("ComfyUI is at %s : the MACE workflows are under Workflow > Browse Templates. Ctrl-C stops it.",
+                 server.url)
         try:
             server.proc.wait()
         except KeyboardInterrupt:

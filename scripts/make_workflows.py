@@ -1,4 +1,5 @@
-"""Writes workflows/<name>.json (UI format) and workflows/api/<name>.json from scripts/pipelines.py.
+"""Writes example_workflows/<name>.json (UI format), its thumbnail <name>.jpg and example_workflows/api/<name>.json
+from scripts/pipelines.py.
 
 Node definitions come from a real ComfyUI booted in-process with the pack loaded, so widget order and defaults are
 the ones the frontend will use. Run after changing a node's inputs or a pipeline: python scripts/make_workflows.py
@@ -16,7 +17,7 @@ sys.path.insert(0, str(ROOT / "tests" / "host"))
 
 import comfy_host  # noqa: E402
 from pipelines import WORKFLOWS  # noqa: E402
-from workflow_graph import check_ui, node_info, to_ui  # noqa: E402
+from workflow_graph import check_ui, complete, node_info, thumbnail, to_ui  # noqa: E402
 
 
 def object_info() -> dict:
@@ -29,16 +30,17 @@ def object_info() -> dict:
 
 def main():
     info = object_info()
-    (ROOT / "workflows" / "api").mkdir(parents=True, exist_ok=True)
+    (ROOT / "example_workflows" / "api").mkdir(parents=True, exist_ok=True)
     for name, make in WORKFLOWS.items():
-        api = make().api()
+        api = complete(make().api(), info)
         ui = to_ui(api, info)
         problems = check_ui(ui, info)
         if problems:
             raise SystemExit(f"{name}: " + "; ".join(problems))
-        (ROOT / "workflows" / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
-        (ROOT / "workflows" / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
-        print(f"wrote workflows/{name}.json and workflows/api/{name}.json")  # a script's own output
+        (ROOT / "example_workflows" / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n")
+        (ROOT / "example_workflows" / "api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n")
+        thumbnail(ui, ROOT / "example_workflows" / f"{name}.jpg", info)
+        print(f"wrote example_workflows/{name}.json, .jpg and api/{name}.json")  # a script's own output
 
 
 if __name__ == "__main__":

@@ -1,6 +1,24 @@
 """The pack's workflows as graphs: one definition feeds the UI file, its API twin and mace-erase."""
 
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
 from workflow_graph import Graph
+
+
+def _concepts_module():
+    """mace_core.concepts, the pack's one parser of concept lines, imported by path under its own name only: the pack
+    root must not go on sys.path, where its nodes/ package would shadow ComfyUI's nodes module."""
+    if "mace_core" not in sys.modules:
+        core = Path(__file__).resolve().parent.parent / "mace_core"
+        spec = importlib.util.spec_from_file_location("mace_core", core / "__init__.py",
+                                                      submodule_search_locations=[str(core)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mace_core"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module("mace_core.concepts")
 
 DEFAULT_CKPT = "v1-5-pruned-emaonly.safetensors"
 
@@ -28,7 +46,13 @@ def _before_after(g: Graph, clip, vae, before, after, prompt, seed, size, steps,
 
 
 def first_concept(concepts: str) -> str:
-    return next(line for line in concepts.splitlines() if line.strip()).split("=>")[0].strip()
+    """The first concept's name, read as the nodes read the list ('Claude Monet | style' names Claude Monet)."""
+    split_line = _concepts_module().split_line
+    for line_no, line in enumerate(concepts.splitlines(), 1):
+        parts = split_line(line, f"line {line_no}")
+        if parts and parts[0]:
+            return parts[0]
+    raise ValueError(f"no concept in {concepts!r}")
 
 
 def refine_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style", prompt=None, seed=42,

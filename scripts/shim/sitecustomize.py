@@ -11,9 +11,26 @@ import types
 try:
     import torchvision  # noqa: F401
 except Exception:
-    for _name in ("torchvision", "torchvision.transforms"):
+    import enum
+
+    for _name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
         _mod = types.ModuleType(_name)
         _mod.__spec__ = importlib.machinery.ModuleSpec(_name, None)
         _mod.__path__ = []
         sys.modules[_name] = _mod
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = _functional = sys.modules["torchvision.transforms.functional"]
+
+    # spandrel (ComfyUI's upscale-model loader) imports these names at import time. Without it ComfyUI drops
+    # UpscaleModelLoader, and frontend 1.27 then fails to build every model picker (Load Checkpoint included),
+    # because it looks that node up unconditionally. The stand-ins exist; using them is an error.
+    class InterpolationMode(enum.Enum):
+        NEAREST = "nearest"
+        BILINEAR = "bilinear"
+        BICUBIC = "bicubic"
+
+    def _unavailable(*_args, **_kwargs):
+        raise RuntimeError("torchvision is not installed beside this CPU torch (scripts/shim stand-in)")
+
+    _functional.InterpolationMode = InterpolationMode
+    _functional.rotate = _functional.normalize = _unavailable

@@ -54,3 +54,22 @@ def test_alignment_skips_the_differing_middle_and_pairs_padding():
     assert (6, 5) in pairs and (9, 8) in pairs  # end and padding, position by position
     assert all(o not in (3, 4) for o, _ in pairs)  # concept tokens left out
     assert concept_positions(old, new, END) == [3, 4]
+
+
+def test_split_line_is_the_one_reading_of_the_syntax():
+    from mace_core.concepts import split_line
+
+    assert split_line("  Claude   Monet | Style ", "line 1") == ("Claude Monet", "", "style")
+    assert split_line("Claude Monet => a painter | style", "line 1") == ("Claude Monet", "a painter", "style")
+    assert split_line("Claude Monet => a painter", "line 1") == ("Claude Monet", "a painter", "")
+    assert split_line("# Claude Monet | style", "line 1") is None and split_line("   ", "line 1") is None
+    for bad, fragment in (("a | style | object", "more than one '|'"), ("a => b => c", "more than one '=>'"),
+                          ("a |", "no type after it"), ("a | painter", "unknown concept type")):
+        with pytest.raises(MaceInputError, match=fragment):
+            split_line(bad, "line 1")
+
+
+def test_kept_concepts_refuse_an_anchor():
+    with pytest.raises(MaceInputError, match="has no anchor") as e:
+        parse_kept("Ann => a person")
+    assert e.value.input_name == "preserve"

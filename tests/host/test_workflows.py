@@ -11,9 +11,9 @@ import pytest
 sys.path.insert(0, str(comfy_host.PACK / "scripts"))
 from comfy_server import ComfyServer, error_text  # noqa: E402
 from pipelines import WORKFLOWS, refine_graph  # noqa: E402
-from workflow_graph import check_ui, node_info, to_ui  # noqa: E402
+from workflow_graph import check_ui, complete, min_height, node_info, overlapping, to_ui  # noqa: E402
 
-WF = comfy_host.PACK / "workflows"
+WF = comfy_host.PACK / "example_workflows"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,56 @@ def test_every_workflow_file_loads_in_the_frontend_shape(object_info):
         assert {n["type"] for n in ui["nodes"]} == {n["class_type"] for n in api.values()}, f.name
 
 
+def test_every_workflow_has_its_template_thumbnail():
+    """ComfyUI's template browser shows <name>.jpg beside each <name>.json of example_workflows/."""
+    from PIL import Image
+
+    for f in sorted(WF.glob("*.json")):
+        thumb = f.with_suffix(".jpg")
+        assert thumb.is_file(), f"{f.name}: no thumbnail"
+        with Image.open(thumb) as img:
+            assert img.format == "JPEG" and img.size == (512, 384), thumb.name
+        assert thumb.stat().st_size < 100_000, f"{thumb.name}: a thumbnail should be small"
+
+
+def test_generated_layouts_show_every_widget_and_never_overlap(object_info):
+    """The issue's case: a node saved smaller than its widgets need is grown on load over the node below it."""
+    for name, make in WORKFLOWS.items():
+        ui = to_ui(make().api(), object_info)
+        assert overlapping(ui) == [], name
+        for n in ui["nodes"]:
+            assert n["size"][1] >= min_height(object_info[n["type"]]), (name, n["type"])
+
+
+def test_check_ui_catches_overlaps_and_hidden_widgets(object_info):
+    ui = to_ui(refine_graph().api(), object_info)
+    a, b = ui["nodes"][0], ui["nodes"][1]
+    b["pos"] = [a["pos"][0] + 10, a["pos"][1] + 10]
+    b["size"] = [b["size"][0], 100]
+    problems = " | ".join(check_ui(ui, object_info))
+    assert f"nodes {a['id']} and {b['id']} overlap" in problems and "would grow it over its neighbours" in problems
+
+
+def test_a_world_seed_never_randomizes(object_info):
+    """A new Concept World seed trains a new world for minutes: the frontend must not add a randomize control."""
+    spec = object_info["MACEConceptWorld"]["input"]["required"]["seed"]
+    assert spec[1].get("control_after_generate") is False
+    ui = to_ui(json.loads((WF / "api" / "concept_world_erase.json").read_text()), object_info)
+    world = next(n for n in ui["nodes"] if n["type"] == "MACEConceptWorld")
+    assert world["widgets_values"] == [0]
+    for n in ui["nodes"]:
+        if n["type"] == "KSampler" or n["type"] == "MACETrainConceptLoRA":
+            assert "fixed" in n["widgets_values"] and "randomize" not in n["widgets_values"], n["type"]
+
+
+def test_lambda_is_labelled_lambda_in_the_frontend(object_info):
+    """The input id stays lambda_ (saved workflows use it); the label comes from the pack's locale file."""
+    labels = json.loads((comfy_host.PACK / "locales" / "en" / "nodeDefs.json").read_text())
+    for node in ("MACERefineCrossAttention", "MACEFuseLoRAs"):
+        assert "lambda_" in object_info[node]["input"]["required"], node
+        assert labels[node]["inputs"]["lambda_"]["name"] == "lambda", node
+
+
 def test_check_ui_catches_broken_files(object_info):
     ui = to_ui(refine_graph().api(), object_info)
     ui["nodes"][1]["widgets_values"] = ui["nodes"][1]["widgets_values"][:-1]
@@ -44,7 +94,7 @@ def test_check_ui_catches_broken_files(object_info):
 
 def test_committed_workflows_match_their_generator(object_info):
     for name, make in WORKFLOWS.items():
-        api = make().api()
+        api = complete(make().api(), object_info)
         assert json.loads((WF / "api" / f"{name}.json").read_text()) == api, f"{name}: run scripts/make_workflows.py"
         assert json.loads((WF / f"{name}.json").read_text()) == to_ui(api, object_info), name
 
