@@ -4,7 +4,7 @@ import importlib
 
 from comfy_api.latest import ComfyExtension
 
-MODULES = ["refine", "train", "loras", "fuse", "erasure", "concept_world"]
+MODULES = ["refine", "train", "loras", "fuse", "erasure", "concept_world", "erase", "check", "attention_map"]
 
 
 def all_nodes() -> list:
