@@ -213,3 +213,14 @@ def test_attention_map_mechanics(pack, m, small):
     assert mask.shape == (2, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0} and 0 < float(mask.mean()) < 1
     assert not torch.equal(r.heat[:, 0], r.heat[:, 1]), "refinement changes where the words are attended"
     assert (r.mass > 0).all()
+
+
+def test_heat_colours_brighten_with_attention_and_labels_fit(m):
+    pic = m.picture
+    lum = pic.luminance(pic.heat_colors(torch.linspace(0, 1, 101)))
+    assert (lum[1:] > lum[:-1]).all(), "brighter always means more attention (the world test reads it so)"
+    lines = pic.wrap("erased: a photo of a very long concept name that goes on and on", 100, 2)
+    assert len(lines) == 2 and lines[-1].endswith("...")
+    assert all(pic.font().getlength(s) <= 100 for s in lines)
+    with pytest.raises(ValueError, match="1 row and 2 column labels"):
+        pic.grid(torch.zeros(2, 2, 8, 8, 3), ["a"], ["b", "c"])
