@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension
 
-from . import concept_world, erasure, fuse, loras, refine, train
+from . import attention_map, check, concept_world, erase, erasure, fuse, loras, refine, train
 
 
 def all_nodes() -> list:
@@ -14,6 +14,9 @@ def all_nodes() -> list:
         fuse.MACEFuseLoRAs,
         erasure.MACESaveErasure,
         concept_world.MACEConceptWorld,
+        erase.MACEErase,
+        check.MACEErasureCheck,
+        attention_map.MACEAttentionMap,
     ]
 
 

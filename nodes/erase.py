@@ -1,0 +1,145 @@
+"""MACE Erase: the whole method in one node (refine; or refine, train and fuse), with one progress bar."""
+
+import logging
+import time
+from types import SimpleNamespace
+
+import comfy.utils
+from comfy_api.latest import io
+
+from ..mace_core.errors import MaceInputError
+from ..mace_core.train import PER_TYPE, concept_settings
+from . import attention, fuse, host, refine, sampling, train
+
+log = logging.getLogger("MACE")
+
+QUICK = "quick"
+FULL = "full"
+MODES = (QUICK, FULL)
+
+
+class MACEErase(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MACEErase",
+            display_name="MACE Erase",
+            category="MACE",
+            description="Erases the listed concepts in one node. quick: closed-form refinement of the cross-attention "
+                        "only (MACE stage 1, seconds). full: refinement, one attention-suppressing LoRA per concept "
+                        "trained on images the original model draws, then closed-form fusion of the LoRAs (all three "
+                        "stages, minutes per concept), with the paper's settings for each concept's type. Returns a "
+                        "patched copy of the model; the input model is not changed, also when the run is cancelled.",
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to erase concepts from (SD1.x, SD2.x or SDXL "
+                                                "UNet)."),
+                io.Clip.Input("clip", tooltip="The text encoder loaded with this model; its features are the context "
+                                              "the cross-attention reads."),
+                *refine.concept_inputs(),
+                io.Combo.Input("mode", options=list(MODES), default=FULL,
+                               tooltip="full: MACE's three stages (refine, train a LoRA per concept, fuse), minutes "
+                                       "per concept, the strongest erasure. quick: refinement only, seconds; it "
+                                       "already removes most of a concept."),
+                *refine.preserve_inputs("the original", "edit"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="full mode: seeds the training images, the LoRAs' start and every training "
+                                     "step; the same seed gives the same erased model. Not used by quick mode."),
+                refine.concept_file_input(),
+            ],
+            outputs=[io.Model.Output(tooltip="The erased model, ready for KSampler, MACE Erasure Check or MACE Save "
+                                             "Erasure.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, concept_file="", **kwargs):
+        return refine.concept_file_fingerprint(concept_file)
+
+    @classmethod
+    def execute(cls, model, clip, concepts, concept_type, anchor, mode, preserve, preservation_strength, lambda_,
+                seed, concept_file=""):
+        return io.NodeOutput(erase_model(model, clip, concepts, concept_type, anchor, mode, preserve,
+                                         preservation_strength, lambda_, seed, concept_file or ""))
+
+
+class StageProgress:
+    """One progress bar across stages that each make their own comfy.utils.ProgressBar.
+
+    refine_model, train_concept_loras and fuse_model each report to a bar of their own length; while this is entered,
+    ComfyUI's progress hook receives their reports mapped into one bar whose stages are weighted by `units` (each
+    stage's expected ticks), so the user sees one bar fill once instead of three bars each filling from zero. The
+    previous hook is restored on exit, also when a stage raises (cancel)."""
+
+    def __init__(self, units: list[int]):
+        self.units = [max(1, int(u)) for u in units]
+        self.total = sum(self.units)
+        self.stage, self.done = -1, 0.0
+
+    def __enter__(self):
+        self.prev = comfy.utils.PROGRESS_BAR_HOOK
+        comfy.utils.set_progress_bar_global_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        comfy.utils.set_progress_bar_global_hook(self.prev)
+        return False
+
+    def next(self):
+        """Start the next stage: the bar stands at the sum of the stages before it; a cancel stops here."""
+        host.check_cancel()
+        self.stage += 1
+        self._report(float(sum(self.units[:self.stage])), None)
+
+    def _hook(self, value, total, preview, *args, **kwargs):
+        stage = max(0, self.stage)
+        frac = min(1.0, float(value) / max(1, float(total or 1)))
+        self._report(sum(self.units[:stage]) + frac * self.units[stage], preview, *args, **kwargs)
+
+    def _report(self, done, preview, *args, **kwargs):
+        self.done = max(self.done, done)  # never backwards: a stage's bar starts at zero
+        if self.prev is not None:
+            self.prev(int(round(self.done)), self.total, preview, *args, **kwargs)
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise MaceInputError("mode", f"unknown mode '{mode}'.", f"Use one of: {', '.join(MODES)}.")
+
+
+def _record(model, items):
+    """Quick mode: record what the clone erases, as Fuse does, so MACE Save Erasure and Erasure Check know it."""
+    fuse.record_erased(model, [SimpleNamespace(concept=c.name, anchor=c.anchor, family=c.family) for c in items])
+
+
+def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode=FULL, preserve="",
+                preservation_strength=1.0, lambda_=0.01, seed=0, concept_file=""):
+    """quick: refine_model. full: refine, train on the refined model with images and masks from the original model
+    (at the model's usual picture size), fuse onto the refined model: as the separate nodes with their defaults. Every
+    stage returns a clone, so the input MODEL is never changed, whatever stage a cancel or an error stops."""
+    _check_mode(mode)
+    items = refine.read_concepts(concepts, concept_type, anchor, concept_file)  # bad lists fail before any work
+    t0 = time.perf_counter()
+    n = len(items)
+    if mode == QUICK:
+        units = [n + 1]
+    else:
+        per = [concept_settings(c.family, PER_TYPE) for c in items]
+        units = [n + 1, sum(p.steps + attention.GEN_STEPS + 1 for p in per), n + 2]
+    with StageProgress(units) as bar:
+        bar.next()
+        refined = refine.refine_model(model, clip, concepts, concept_type, anchor, preserve, preservation_strength,
+                                      lambda_, concept_file)
+        if mode == QUICK:
+            _record(refined, items)
+            log.info("MACE erase (quick): %d concepts in %.1fs", n, time.perf_counter() - t0)
+            return refined
+        bar.next()
+        bundle, _, _ = train.train_concept_loras(refined, clip, concepts, concept_type, anchor, seed=seed,
+                                                 image_size=sampling.native_size(model), image_model=model,
+                                                 concept_file=concept_file)
+        bar.next()
+        out = fuse.fuse_model(refined, clip, bundle, preserve, preservation_strength, lambda_)
+    log.info("MACE erase (full): %d concepts in %.1fs", n, time.perf_counter() - t0)
+    return out
+
+
+NODES = [MACEErase]

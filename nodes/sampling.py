@@ -1,0 +1,117 @@
+"""Seeded pictures with ComfyUI's own sampler, for the nodes that show what an erasure did (Erasure Check, Attention
+Map), and the sampler inputs they share.
+
+Each picture's starting noise depends only on its seed (the noise ComfyUI's KSampler draws for a one-image batch), so
+the same seed on the original and on the erased model starts from the same noise and the two pictures differ only by
+what the erasure changed.
+"""
+
+import comfy.sample
+import comfy.samplers
+import torch
+from comfy_api.latest import io
+
+from ..mace_core.errors import MaceInputError
+from . import attention, host
+
+# The model_options entry by which a model says how it is meant to be sampled (the concept world sets it: 64 px);
+# models without it get their family's usual size.
+HINT = "mace_sampling_hint"
+
+DEFAULT_CFG = 7.0
+
+
+def sampler_inputs(size_tooltip_extra: str = "") -> list:
+    """steps, cfg, sampler_name, scheduler and image_size, as KSampler names them."""
+    return [
+        io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps of every picture."),
+        io.Float.Input("cfg", default=DEFAULT_CFG, min=0.0, max=30.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale, as in KSampler: about 7 for Stable Diffusion "
+                               "checkpoints; the MACE Concept World is made for 3 (it oversaturates at 7)."),
+        io.Combo.Input("sampler_name", options=list(comfy.samplers.KSampler.SAMPLERS), default="euler",
+                       tooltip="The sampler, as in KSampler."),
+        io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                       tooltip="The noise schedule, as in KSampler."),
+        io.Int.Input("image_size", default=0, min=0, max=4096, step=8,
+                     tooltip="Side of the square pictures in pixels; 0 = the model's usual size (512 for SD1.x/SD2.x, "
+                             "1024 for SDXL, 64 for the MACE Concept World)." + size_tooltip_extra),
+    ]
+
+
+def native_size(model) -> int:
+    hint = getattr(model, "model_options", {}).get(HINT) or {}
+    return int(hint.get("image_size") or attention.default_image_size(model))
+
+
+def picture_size(model, image_size: int, input_name: str = "image_size") -> int:
+    if image_size == 0:
+        return native_size(model)
+    ratio = latent_ratio(model)
+    if image_size < ratio or image_size % ratio:
+        raise MaceInputError(input_name, f"must be 0 (the model's usual size) or a multiple of {ratio}, got "
+                                         f"{image_size}.")
+    return int(image_size)
+
+
+def latent_ratio(model) -> int:
+    return int(getattr(model.model.latent_format, "spacial_downscale_ratio", 8))
+
+
+def check_sampler(steps, cfg, sampler_name, scheduler):
+    if steps < 1:
+        raise MaceInputError("steps", f"must be at least 1, got {steps}.")
+    if cfg < 0:
+        raise MaceInputError("cfg", f"must not be negative, got {cfg}.")
+    if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
+        raise MaceInputError("sampler_name", f"unknown sampler '{sampler_name}'.")
+    if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
+        raise MaceInputError("scheduler", f"unknown scheduler '{scheduler}'.")
+
+
+def seed_noise(latent: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """Noise for a batch whose picture i starts from the noise KSampler gives seed i alone."""
+    return torch.cat([comfy.sample.prepare_noise(latent[:1], int(s)) for s in seeds])
+
+
+def encode(clip, text: str, literal: bool):
+    """CLIPTextEncode's conditioning; literal: without ComfyUI's weight syntax (a concept name is text, and its '('
+    would otherwise be read as emphasis)."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text, disable_weights=literal))
+
+
+class Sampler:
+    """Pictures of prompts x seeds for one setting of the sampler inputs, conditioning encoded once per prompt."""
+
+    def __init__(self, clip, steps=20, cfg=DEFAULT_CFG, sampler_name="euler", scheduler="normal", size=512,
+                 negative="", on_step=None):
+        check_sampler(steps, cfg, sampler_name, scheduler)
+        self.clip, self.steps, self.cfg = clip, int(steps), float(cfg)
+        self.sampler_name, self.scheduler, self.size = sampler_name, scheduler, int(size)
+        self.negative = encode(clip, negative or "", literal=True)
+        self.on_step = on_step or host.check_cancel
+        self._conds = {}
+
+    def cond(self, text: str, literal: bool = True):
+        key = (text, literal)
+        if key not in self._conds:
+            self._conds[key] = encode(self.clip, text, literal)
+        return self._conds[key]
+
+    def latents(self, model, text: str, seeds: list[int], literal: bool = True) -> torch.Tensor:
+        """LATENT samples (len(seeds), c, h, w) of one prompt, one picture per seed."""
+        ratio = latent_ratio(model)
+        empty = torch.zeros([len(seeds), 4, self.size // ratio, self.size // ratio])
+        latent = comfy.sample.fix_empty_latent_channels(model, empty)
+        noise = seed_noise(latent, seeds)
+        return comfy.sample.sample(model, noise, self.steps, self.cfg, self.sampler_name, self.scheduler,
+                                   self.cond(text, literal), self.negative, latent, seed=int(seeds[0]),
+                                   disable_pbar=True, callback=lambda *a: self.on_step())
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """IMAGE (b, H, W, 3) in [0, 1], as VAEDecode gives it."""
+    images = vae.decode(latents)
+    if images.ndim == 5:  # video VAEs add a frame axis
+        images = images.reshape(-1, *images.shape[-3:])
+    return images.float().clamp(0, 1)
+
