@@ -240,7 +240,7 @@ def model_conds(patcher, prompt: Prompt, latent_shape, device) -> dict:
 def denoise_forward(patcher, latent: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, conds: dict):
     """One denoiser call at latent noised to the given integer timesteps (latent already in model space)."""
     ms = patcher.model.model_sampling
-    sigma = ms.sigma(timesteps.float()).to(latent.device)
+    sigma = host.timestep_sigmas(patcher, timesteps).to(latent.device)  # not ms.sigma(t): EDM reads t otherwise
     x = ms.noise_scaling(sigma, noise, latent)
     kw = dict(conds)
     c_crossattn, c_concat = kw.pop("c_crossattn"), kw.pop("c_concat", None)
@@ -251,9 +251,8 @@ def denoise_forward(patcher, latent: torch.Tensor, noise: torch.Tensor, timestep
 # ---------------------------------------------------------------- training data
 
 def default_image_size(model) -> int:
-    """512 for SD1.x/SD2.x, 1024 for SDXL (whose context is 2048 wide)."""
-    ctx = model.model.model_config.unet_config.get("context_dim") or 768
-    return 1024 if ctx >= 2048 else 512
+    """The model's own training size (host.default_image_size: SD1.x 512, SD2.x 768-v 768, SDXL 1024)."""
+    return host.default_image_size(model)
 
 
 def generate_latents(model, clip, text: str, count: int, size: int, seed: int) -> torch.Tensor:

@@ -78,6 +78,44 @@ def compute_device():
     return mm.get_torch_device()
 
 
+def timestep_sigmas(model, timesteps: torch.Tensor) -> torch.Tensor:
+    """Noise levels for DDPM-style integer timesteps (0 = clean .. 999 = pure noise), through the model's own
+    percent-to-sigma mapping, so every sampling type a ComfyUI UNet has (eps, v, v with zero terminal SNR, EDM,
+    v-EDM) gets sigmas inside its own range.
+
+    model_sampling.sigma(t) reads t in the model's own timestep units: for discrete schedules that is the DDPM step
+    and gives the same values; for EDM it is 0.25 log(sigma), and step 300 would mean sigma = exp(1200) = inf.
+    ComfyUI's percent (0 = start of sampling, 1 = end) is the one scale every sampling type shares.
+    """
+    ms = model.model.model_sampling
+    lo, hi = float(ms.sigma_min), float(ms.sigma_max)
+    steps = 999.0
+    out = []
+    for t in timesteps.flatten().tolist():
+        if not 0 <= t <= steps:
+            raise ValueError(f"timestep {t} is outside 0..{steps:.0f}")
+        # percent_to_sigma maps the ends to 0 and "infinite"; the ends of the model's range are what they mean
+        s = ms.percent_to_sigma(1.0 - t / steps) if 0 < t < steps else (lo if t == 0 else hi)
+        out.append(min(max(float(s), lo), hi))
+    sigmas = torch.tensor(out, dtype=torch.float32).reshape(timesteps.shape)
+    if not bool(torch.isfinite(sigmas).all()):
+        raise RuntimeError(f"MACE: the {model_family(model)} model's sampling gives non-finite noise levels "
+                           f"{out} for timesteps {timesteps.tolist()}")
+    return sigmas
+
+
+def default_image_size(model) -> int:
+    """The side the model was trained at: SDXL 1024; SD2.x 768 for its v-prediction models (768-v) and 512 for the
+    eps base; SD1.x 512. Training images are made at this size unless the user gives one."""
+    family = model_family(model)
+    ctx = model.model.model_config.unet_config.get("context_dim") or 768
+    if family.startswith("SDXL") or family in ("SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B") or ctx >= 2048:
+        return 1024
+    if family.startswith("SD2") and model.model.model_type.name.startswith("V_PREDICTION"):
+        return 768
+    return 512
+
+
 def model_fingerprint(model) -> str:
     """Identifies the base weights of the cross-attention layers (to label files and check they fit)."""
     keys = cross_attention_keys(model)
