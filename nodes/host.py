@@ -26,13 +26,32 @@ _KV = re.compile(r"^diffusion_model\..*\.attn2\.to_[kv]\.weight$")
 
 # ---------------------------------------------------------------- model side
 
+# What each supported family's cross-attention reads; for the error that names a mismatched CLIP.
+_FAMILY_TEXT = {"SD15": "SD1.x (CLIP-L)", "SD20": "SD2.x (OpenCLIP-H)", "SDXL": "SDXL (CLIP-L + CLIP-G)"}
+
+
+def model_family(model) -> str:
+    """ComfyUI's name for the model's family (its supported_models config class: SD15, SD20, SDXL, Flux, SD3...)."""
+    config = getattr(model.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model.model).__name__
+
+
+def clip_family(clip) -> str:
+    """The text encoder's class name as ComfyUI built it (SD1ClipModel, SD2ClipModel, SDXLClipModel, ...)."""
+    return type(getattr(clip, "cond_stage_model", clip)).__name__
+
+
 def cross_attention_keys(model, clip=None) -> list[str]:
-    """Every attn2 to_k/to_v weight key of the UNet; a clear error for families without text cross-attention."""
+    """Every attn2 to_k/to_v weight key of the UNet; a clear error for families without text cross-attention, and
+    for a CLIP whose features the cross-attention cannot read (checked before anything is computed)."""
+    if not hasattr(model, "model_state_dict") or not hasattr(getattr(model, "model", None), "diffusion_model"):
+        raise MaceInputError("model", f"expected a diffusion MODEL, got {type(model).__name__}.")
     sd = model.model_state_dict()
     keys = sorted(k for k in sd if _KV.match(k))
+    family = model_family(model)
     if not keys:
-        name = type(model.model).__name__
-        raise MaceInputError("model", f"this {name} model has no UNet cross-attention (attn2.to_k/to_v) to edit.",
+        raise MaceInputError("model", f"the {family} model family is not supported yet: it has no UNet "
+                                      f"cross-attention (attn2.to_k/to_v) for MACE to edit.",
                              "MACE supports SD1.x, SD2.x and SDXL-family UNets.")
     if clip is not None:
         widths = {sd[k].shape[1] for k in keys}
