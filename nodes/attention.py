@@ -150,10 +150,10 @@ class TrainableModel:
         if uncovered:
             log.warning("MACE: %d UNet parameters are outside ComfyUI's ops (e.g. %s); training may fail if they "
                         "are inference tensors", len(uncovered), uncovered[0])
-        if self.patcher.model.get_dtype() in (torch.float16, torch.bfloat16):
-            # fp16 gradients through a whole UNet underflow without loss scaling; the paper trains in fp32.
-            # ComfyUI's manual cast computes each layer in fp32 from the stored 16-bit weights (an object patch,
-            # restored when the clone is unloaded).
+        if self.patcher.model.get_dtype() != torch.float32:
+            # fp16 gradients through a whole UNet underflow without loss scaling, and fp8 has no arithmetic of its
+            # own; the paper trains in fp32. ComfyUI's manual cast computes each layer in fp32 from the stored 16- or
+            # 8-bit weights (an object patch, restored when the clone is unloaded).
             self.patcher.set_model_compute_dtype(torch.float32)
         missing = set(lora_keys) - set(self.patcher.weight_wrapper_patches)
         if missing:

@@ -80,17 +80,67 @@ def current_weights(model, keys: list[str], device=None) -> dict[str, torch.Tens
     return out
 
 
+def patch_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a MACE 'diff' patch is kept in for weights stored in `weight_dtype`.
+
+    16- and 32-bit weights take the patch in their own dtype (ComfyUI adds it in float32 and rounds the sum back to
+    that dtype anyway). 8-bit weights (fp8 checkpoints) do not: a 3e-3-scale delta cast to float8_e4m3fn falls in its
+    subnormal range and loses a fifth of its norm before ComfyUI ever adds it (tests/host/test_families.py measures
+    it); in float16 the delta keeps its precision, and ComfyUI's stochastic rounding of W0 + delta into fp8 keeps it
+    unbiased.
+    """
+    if weight_dtype.itemsize < 2:
+        return torch.float16
+    return weight_dtype
+
+
+# Every delta tensor MACE has handed to a ModelPatcher. Clones share patch tensors (clone() copies the lists, not the
+# tensors), so this tells MACE's own change apart from any other patch (a LoRA loaded upstream) on the same keys.
+# Keyed by id with an identity check (a WeakSet would compare tensors with ==); entries vanish with their tensors.
+_MACE_PATCHES: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _is_mace_patch(t) -> bool:
+    return isinstance(t, torch.Tensor) and _MACE_PATCHES.get(id(t)) is t
+
+
 def with_deltas(model, deltas: dict[str, torch.Tensor], strength: float = 1.0):
     """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing."""
     originals = original_weights(model, list(deltas))
     patched = model.clone()
-    spec = {k: ("diff", (d.to(device=originals[k].device, dtype=originals[k].dtype),)) for k, d in deltas.items()}
+    spec = {}
+    for k, d in deltas.items():
+        t = d.to(device=originals[k].device, dtype=patch_dtype(originals[k].dtype))
+        if t is d:  # never share a caller's tensor: it would be marked as MACE's wherever else it is used
+            t = d.clone()
+        _MACE_PATCHES[id(t)] = t
+        spec[k] = ("diff", (t,))
     applied = set(patched.add_patches(spec, strength))
     missing = set(deltas) - applied
     if missing:
         raise MaceInputError("model", f"{len(missing)} cross-attention weights could not be patched "
                                       f"(e.g. {sorted(missing)[0]}).", "Use the MODEL this edit was computed for.")
     return patched
+
+
+def mace_deltas(model, keys: list[str], device=None) -> dict[str, torch.Tensor]:
+    """What MACE nodes added to these weights (float32), leaving out every other patch on them (LoRAs loaded before
+    or after MACE). Keys MACE did not change are absent."""
+    patches = model.get_key_patches("diffusion_model.")
+    out = {}
+    for k in keys:
+        total = None
+        for strength, value, strength_model, offset, function in patches[k][1:]:
+            if not (isinstance(value, tuple) and value and value[0] == "diff" and _is_mace_patch(value[1][0])):
+                continue
+            if strength_model != 1.0 or offset is not None or function is not None:
+                raise MaceInputError("model", f"a MACE patch on {k} was re-applied with a model strength, offset or "
+                                              "function; its change cannot be separated.")
+            d = value[1][0].to(device=device, dtype=torch.float32) * strength
+            total = d if total is None else total + d
+        if total is not None:
+            out[k] = total
+    return out
 
 
 def compute_device():
