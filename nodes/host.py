@@ -57,8 +57,10 @@ def cross_attention_keys(model, clip=None) -> list[str]:
         widths = {sd[k].shape[1] for k in keys}
         dim = text_width(clip)
         if widths != {dim}:
-            raise MaceInputError("clip", f"the text encoder gives {dim}-wide features but the model's cross-attention "
-                                         f"reads {sorted(widths)}.", "Connect the CLIP loaded with this checkpoint.")
+            reads = _FAMILY_TEXT.get(family, family)
+            raise MaceInputError("clip", f"this {clip_family(clip)} text encoder gives {dim}-wide features, but the "
+                                         f"{reads} model's cross-attention reads {sorted(widths)}-wide ones.",
+                                 "Connect the CLIP loaded with this checkpoint (the same Load Checkpoint node).")
     return keys
 
 
