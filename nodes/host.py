@@ -252,6 +252,26 @@ def clip_fingerprint(clip) -> str:
     return _fingerprint(clip.get_sd())
 
 
+PROBE_PROMPTS = ["a photo of a dog on a beach", "an oil painting of an old man"]
+
+
+def text_features_key(clip) -> str:
+    """Identifies the per-token features this CLIP produces, for caches of statistics computed from them.
+
+    The weights alone are not enough: a clone with another clip_layer (CLIP Set Last Layer), tokenizer options, or a
+    LoRA on the text encoder shares the weights and gives other features. So the key holds the weights' fingerprint,
+    the layer and tokenizer settings, and a digest of the features two probe prompts actually get (rounded to
+    float16, so it names the encoder, not the last bits of one run).
+    """
+    enc = clip_encoder(clip)
+    _, feats = enc.encode(PROBE_PROMPTS)
+    h = hashlib.sha256()
+    h.update(clip_fingerprint(clip).encode())
+    h.update(repr((getattr(clip, "layer_idx", None), sorted(getattr(clip, "tokenizer_options", {}).items()))).encode())
+    h.update(feats.detach().to("cpu", torch.float16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..mace_core import concept_files
 from ..mace_core.closed_form import apply_transform
 from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, parse_kept
-from ..mace_core.prior import prior_moment
+from ..mace_core.prior import prior_moment, prompt_set_version
 from ..mace_core.refine import refine
 from . import host
 
@@ -69,7 +69,8 @@ def concept_file_fingerprint(concept_file="", **_):
 
 def prior_for(clip, enc, progress=None):
     """Generic-prompt statistics of this text encoder, computed once and cached on disk."""
-    name = f"prior_{host.clip_fingerprint(clip)}"
+    # keyed by the features (layer setting included) and by the generic prompt set they are computed from
+    name = f"prior_{host.text_features_key(clip)}_{prompt_set_version()}"
     return host.cached_tensor(name, lambda: prior_moment(enc, progress=progress))
 
 
