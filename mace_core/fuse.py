@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .closed_form import ACC, ridge_scale
+from .closed_form import ACC, acc_device, ridge_scale, to_acc
 from .concepts import Concept, check_family
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
@@ -119,6 +119,7 @@ def fuse(
     check_concepts([concept_of(lora) for lora in loras], enc, "loras")
     if device is None:
         device = next(iter(current.values())).device
+    out_device, device = torch.device(device), acc_device(device)  # float64 work where float64 exists
     d = enc.dim
     if {s[1] for s in shapes.values()} != {d}:
         raise MaceInputError("clip", f"the text encoder gives {d}-wide features but the cross-attention reads "
@@ -129,13 +130,13 @@ def fuse(
     acc: dict[str, torch.Tensor] = {}
     for lora in loras:
         _, feats = enc.encode(concept_of(lora).prompts())
-        x = feats.reshape(-1, d).to(device, ACC)
+        x = to_acc(feats.reshape(-1, d), device)
         g = x.T @ x
         gram += g
         count += x.shape[0]
         for k in lora.keys:
             # dW_i G_i = up (down G_i): an (r, d) product, then (out, r) @ (r, d); no (out, d) delta per LoRA.
-            term = (lora.up[k].to(device, ACC) * lora.scale) @ (lora.down[k].to(device, ACC) @ g)
+            term = (to_acc(lora.up[k], device) * lora.scale) @ (to_acc(lora.down[k], device) @ g)
             if k in acc:
                 acc[k] += term
             else:
@@ -148,11 +149,11 @@ def fuse(
     m = gram + lam * ridge_scale(gram) * eye
     p = None
     if prior is not None and prior_weight > 0:
-        p = prior_weight * count * prior.to(device, ACC)
+        p = prior_weight * count * to_acc(prior, device)
     families = [lora.family for lora in loras]
     keep = keep_moment(list(preserve), families, enc) if preserve and preserve_weight > 0 else None
     if keep is not None:
-        kp = preserve_weight * count * keep.to(device, ACC)
+        kp = preserve_weight * count * to_acc(keep, device)
         p = kp if p is None else p + kp
     if p is not None:
         m = m + p
@@ -162,10 +163,10 @@ def fuse(
     for k in current:
         rhs = acc.pop(k, None)
         if p is not None and keep_target == "original":
-            back = (original[k].to(device, ACC) - current[k].to(device, ACC)) @ p
+            back = (to_acc(original[k], device) - to_acc(current[k], device)) @ p
             rhs = back if rhs is None else rhs + back
         if rhs is not None:  # a matrix no LoRA touches and no prior pulls back keeps W' (no patch)
-            deltas[k] = solve(rhs).to(torch.float32)
+            deltas[k] = solve(rhs).to(out_device, torch.float32)
     log.info("MACE fuse: %d LoRAs, %d concept tokens, %d matrices", len(loras), count, len(deltas))
     return deltas
 

@@ -122,7 +122,8 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     t = refine(items, enc, prior, keep, prior_weight=preservation_strength, preserve_weight=preservation_strength,
                lam=lambda_, progress=progress)
     device = host.compute_device()
-    deltas = {k: apply_transform(w, t.to(device)) for k, w in host.current_weights(model, keys, device).items()}
+    # T stays float64 where it was solved; apply_transform brings it to W's device only where float64 exists there
+    deltas = {k: apply_transform(w, t) for k, w in host.current_weights(model, keys, device).items()}
     out = host.with_deltas(model, deltas)
     log.info("MACE refine: %d concepts, %d matrices in %.2fs", len(items), len(keys), time.perf_counter() - t0)
     return out
