@@ -417,3 +417,31 @@ def test_family_without_unet_cross_attention_is_named_as_unsupported(pack, mods,
         with pytest.raises(mods.errors.MaceInputError, match="input 'model'.*Flux model family is not supported yet"):
             call()
     assert_state(flux, before)
+
+
+def test_cli_sample_size_follows_the_checkpoints_family(tmp_path):
+    """scripts/mace_erase.py picks its before/after size from the checkpoint's shapes (it does not import ComfyUI)."""
+    import importlib.util
+
+    sys.path.insert(0, str(comfy_host.PACK / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("mace_erase_cli", comfy_host.PACK / "scripts" / "mace_erase.py")
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+    finally:
+        sys.path.remove(str(comfy_host.PACK / "scripts"))
+    prefix = "model.diffusion_model."
+    g = torch.Generator().manual_seed(0)
+    cases = {"sd15": ({"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 768)}, 512),
+             # SD2.x: v-prediction read from the spread of the bias ComfyUI's SD20.model_type reads
+             "sd2_eps": ({"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024),
+                          "output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.randn(320, generator=g) * 0.01},
+                         512),
+             "sd2_v": ({"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 1024),
+                        "output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.randn(320, generator=g) * 0.5},
+                       768),
+             "sdxl": ({"input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(8, 2048)}, 1024)}
+    for name, (tensors, size) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file({prefix + k: v for k, v in tensors.items()}, str(path))
+        assert cli.checkpoint_size(str(path)) == size, name
