@@ -88,7 +88,10 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("rank,keep_target", [(1, "original"), (2, "original"), (1, "input")])
+# Total ranks 3 and 6 stay below every matrix's out (8, 24, 16): the LoRA term is kept as factors. Rank 4 gives 12
+# (8 on b0.to_k): b0's matrices take the (out, d) accumulator, the others the factors, in one run.
+@pytest.mark.parametrize("rank,keep_target", [(1, "original"), (2, "original"), (1, "input"), (4, "original"),
+                                              (4, "input")])
 def test_fusion_equals_stacked_least_squares(rank, keep_target):
     shapes, w0, wp = setup()
     enc = HashEncoder()
@@ -106,6 +109,10 @@ def test_fusion_equals_stacked_least_squares(rank, keep_target):
     for k in wp:
         assert deltas[k].dtype == torch.float32
         assert rel(deltas[k], ref[k]) < 1e-5, k
+    half = fuse(loras, enc, wp, w0, prior, keep, prior_weight=0.7, preserve_weight=0.4, lam=0.02,
+                keep_target=keep_target, out_dtype=torch.float16)
+    assert all(half[k].dtype == torch.float16 and torch.allclose(half[k].float(), deltas[k], rtol=1e-3, atol=1e-6)
+               for k in wp)
 
 
 def test_fusion_without_prior_or_ridge_matches_and_beats_naive_sum():
