@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import weakref
+from collections.abc import Mapping
 
 import comfy.lora
 import comfy.model_management as mm
@@ -82,6 +83,27 @@ def current_weights(model, keys: list[str], device=None) -> dict[str, torch.Tens
     return out
 
 
+class CurrentWeights(Mapping):
+    """current_weights as a mapping computed one key at a time: a caller that reads the matrices one by one never holds
+    all of them in float32 (SDXL's 140 K/V matrices are 1.3 GB so). `shapes` answers without computing anything."""
+
+    def __init__(self, model, keys: list[str], device=None):
+        self._model, self._keys, self._device = model, list(keys), device
+        patches = model.get_key_patches("diffusion_model.")
+        self.shapes = {k: tuple(patches[k][0][0].shape) for k in self._keys}
+
+    def __getitem__(self, key):
+        if key not in self.shapes:
+            raise KeyError(key)
+        return current_weights(self._model, [key], self._device)[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
 def patch_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype a MACE 'diff' patch is kept in for weights stored in `weight_dtype`.
 
@@ -107,14 +129,15 @@ def _is_mace_patch(t) -> bool:
 
 
 def with_deltas(model, deltas: dict[str, torch.Tensor], strength: float = 1.0):
-    """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing."""
+    """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing. The deltas'
+    tensors become the patches' (do not change them afterwards)."""
     originals = original_weights(model, list(deltas))
     patched = model.clone()
     spec = {}
     for k, d in deltas.items():
+        # the patch takes the caller's tensor over when it already has the right dtype and device (no copy: SDXL's
+        # deltas are 0.7 GB in fp16); callers hand over fresh tensors
         t = d.to(device=originals[k].device, dtype=patch_dtype(originals[k].dtype))
-        if t is d:  # never share a caller's tensor: it would be marked as MACE's wherever else it is used
-            t = d.clone()
         _MACE_PATCHES[id(t)] = t
         spec[k] = ("diff", (t,))
     applied = set(patched.add_patches(spec, strength))
