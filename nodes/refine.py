@@ -122,8 +122,11 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     t = refine(items, enc, prior, keep, prior_weight=preservation_strength, preserve_weight=preservation_strength,
                lam=lambda_, progress=progress)
     device = host.compute_device()
-    # T stays float64 where it was solved; apply_transform brings it to W's device only where float64 exists there
-    deltas = {k: apply_transform(w, t) for k, w in host.current_weights(model, keys, device).items()}
+    # one matrix at a time, straight to the patch dtype (SDXL's K/V in float32 are 1.3 GB); T stays float64 where it
+    # was solved, apply_transform brings it to W's device only where float64 exists there
+    current = host.CurrentWeights(model, keys, device)
+    dtype = host.patch_dtype(host.original_weights(model, keys[:1])[keys[0]].dtype)
+    deltas = {k: apply_transform(current[k], t).to(dtype) for k in keys}
     out = host.with_deltas(model, deltas)
     log.info("MACE refine: %d concepts, %d matrices in %.2fs", len(items), len(keys), time.perf_counter() - t0)
     return out
