@@ -181,3 +181,33 @@ def test_kept_names_are_protected_in_every_erased_type_and_their_own():
     assert torch.allclose(both, keep_moment([Kept("Ann Lee", "style")], ["celebrity", "style"], enc))
     assert not torch.allclose(both, keep_moment(["Ann Lee"], ["celebrity"], enc))
     assert torch.allclose(keep_moment([Kept("Ann Lee", "style")], ["celebrity"], enc), both)
+
+
+def test_fusion_for_a_device_without_float64_solves_on_the_cpu(monkeypatch):
+    """A device declared without float64 (here the meta device, which holds no data: any float64 work routed to it
+    would leave no numbers to return) gets float32 results while every float64 tensor lives on the CPU."""
+    from torch.overrides import TorchFunctionMode
+
+    import mace_core.closed_form as cf
+
+    shapes, w0, wp = setup()
+    enc = HashEncoder()
+    loras = make_loras(shapes, ["Alice Smith", "Bob Jones"], rank=4)
+    prior = torch.eye(enc.dim, dtype=torch.float64)
+    expected = fuse(loras, enc, wp, w0, prior, (), lam=0.02, keep_target="original")
+    monkeypatch.setattr(cf, "NO_FLOAT64", {"mps", "meta"})
+    assert cf.acc_device("meta") == torch.device("cpu") and cf.Moments(4, device="meta").gram.device.type == "cpu"
+    places = set()
+
+    class Float64Places(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                places.add(out.device.type)
+            return out
+
+    with Float64Places():
+        got = fuse(loras, enc, wp, w0, prior, (), lam=0.02, keep_target="original", device="meta")
+    assert places == {"cpu"}
+    assert all(got[k].device.type == "meta" and got[k].dtype == torch.float32 for k in got)
+    assert got.keys() == expected.keys()
