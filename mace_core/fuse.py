@@ -111,7 +111,8 @@ def fuse(
     """Delta W* - W' (in out_dtype, on `device`) for every key of `current` that changes.
 
     current / original: W' and W0 per cross-attention key (any mapping; W' is read only for keep_target
-    "original", one matrix at a time, and a mapping with a `shapes` attribute is not read for its shapes). prior: mean second moment of generic prompts (prior.py).
+    "original", one matrix at a time, and a mapping with a `shapes` attribute is not read for its shapes).
+    prior: mean second moment of generic prompts (prior.py).
     Prior and kept concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to the
     mean eigenvalue of the concept statistics.
     keep_target: what generic prompts and kept concepts are held to, "original" (W0, the paper's choice) or "input"

@@ -69,7 +69,6 @@ def family_run(request, pack, pack_module, tmp_path_factory):
     import folder_paths
 
     family, sampling = request.param
-    host = mod(pack_module, "nodes.host")
     root = tmp_path_factory.mktemp(f"loras_{family}_{sampling}")
     saved = folder_paths.folder_names_and_paths["loras"]
     folder_paths.folder_names_and_paths["loras"] = ([str(root)], set(folder_paths.supported_pt_extensions))
