@@ -11,18 +11,39 @@ import torch
 
 ACC = torch.float64
 
+# Device types without float64 arithmetic (Apple's MPS). There the d x d statistics and solves run on the CPU (d is at
+# most 2048: a few hundred MB and well under a second) and only the float32 results move to the device.
+NO_FLOAT64 = {"mps"}
+
+
+def has_float64(device) -> bool:
+    return torch.device(device if device is not None else "cpu").type not in NO_FLOAT64
+
+
+def acc_device(device) -> torch.device:
+    """Where float64 accumulation and solves for work on `device` run: the device itself, or the CPU without
+    float64."""
+    device = torch.device(device if device is not None else "cpu")
+    return device if has_float64(device) else torch.device("cpu")
+
+
+def to_acc(t: torch.Tensor, device) -> torch.Tensor:
+    """t in float64 on `device`: moved first, then cast, so the cast never runs on a device without float64."""
+    return t.to(device).to(ACC)
+
 
 class Moments:
     """Running sums  cross = sum y x^T  and  gram = sum x x^T  over paired token embeddings."""
 
     def __init__(self, dim: int, device=None):
+        device = acc_device(device)
         self.cross = torch.zeros(dim, dim, dtype=ACC, device=device)
         self.gram = torch.zeros(dim, dim, dtype=ACC, device=device)
         self.count = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        x = x.reshape(-1, x.shape[-1]).to(self.gram.device, ACC)
-        y = x if y is None else y.reshape(-1, y.shape[-1]).to(self.gram.device, ACC)
+        x = to_acc(x.reshape(-1, x.shape[-1]), self.gram.device)
+        y = x if y is None else to_acc(y.reshape(-1, y.shape[-1]), self.gram.device)
         self.gram += x.T @ x
         self.cross += y.T @ x
         self.count += x.shape[0]
@@ -59,11 +80,12 @@ def refine_transform(edit: Moments, prior: torch.Tensor | None, prior_weight: fl
     scale = ridge_scale(edit.gram)
     reg = lam * scale * eye
     if prior is not None and prior_weight > 0:
-        reg = reg + prior_weight * edit.count * prior.to(edit.gram.device, ACC)
+        reg = reg + prior_weight * edit.count * to_acc(prior, edit.gram.device)
     return spd_solve_right(edit.cross + reg, edit.gram + reg)
 
 
 def apply_transform(w0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """delta = W0 (T - I), computed in float64 and returned in float32 (the caller casts to the model dtype)."""
-    w = w0.to(ACC)
-    return (w @ t.to(w.device) - w).to(torch.float32)
+    """delta = W0 (T - I), computed in float64 (on the CPU for devices without it) and returned in float32 on W0's
+    device (the caller casts to the model dtype)."""
+    w = to_acc(w0, acc_device(w0.device))
+    return (w @ to_acc(t, w.device) - w).to(w0.device, torch.float32)

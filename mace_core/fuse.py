@@ -11,9 +11,13 @@ Subtracting W' (M - M) gives the delta directly, without cancellation:
 
     W* - W' = [ sum_i up_i (down_i G_i) + (W0 - W') P ] M^-1,   M = G + P + lam I
 
-M is d x d and shared by every layer, so it is factorised once. Each concept's G_i is computed from its prompts,
-folded into one (out, d) accumulator per matrix and dropped: memory does not grow with the number of LoRAs, and no
-full-size dW_i is ever formed.
+M is d x d and shared by every layer, so it is factorised once. Each concept's G_i is computed from its prompts and
+dropped once its r x d products down_i G_i are stored. A matrix's LoRA term is U V M^-1 with U = [up_i] (out x R) and
+V = [down_i G_i] (R x d), R the LoRAs' total rank on it: while R < out, V is kept and solved as U (V M^-1); from
+R >= out on, the (out, d) accumulator U V is the smaller one and is kept instead. Memory per matrix is therefore
+min(R, out) x d and never grows past one accumulator (SDXL's 140 float64 accumulators are 2.6 GB; V for 100 rank-1
+LoRAs is 0.23 GB). Both are allocated once, before any concept is encoded, so the per-concept temporaries do not
+fragment the heap. No full-size dW_i is ever formed; each matrix's delta is made and cast to out_dtype in turn.
 """
 
 import logging
@@ -21,7 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .closed_form import ACC, ridge_scale
+from .closed_form import ACC, acc_device, ridge_scale, to_acc
 from .concepts import Concept, check_family
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
@@ -102,10 +106,13 @@ def fuse(
     device=None,
     progress: Callable[[], None] | None = None,
     keep_target: str = "input",
+    out_dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Delta W* - W' (float32, on `device`) for every key of `current` that changes.
+    """Delta W* - W' (in out_dtype, on `device`) for every key of `current` that changes.
 
-    current / original: W' and W0 per cross-attention key. prior: mean second moment of generic prompts (prior.py).
+    current / original: W' and W0 per cross-attention key (any mapping; W' is read only for keep_target
+    "original", one matrix at a time, and a mapping with a `shapes` attribute is not read for its shapes).
+    prior: mean second moment of generic prompts (prior.py).
     Prior and kept concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to the
     mean eigenvalue of the concept statistics.
     keep_target: what generic prompts and kept concepts are held to, "original" (W0, the paper's choice) or "input"
@@ -114,11 +121,12 @@ def fuse(
     if keep_target not in KEEP_TARGETS:
         raise MaceInputError("keep_target", f"must be one of {', '.join(KEEP_TARGETS)}, got '{keep_target}'.")
     loras = list(loras)
-    shapes = {k: tuple(w.shape) for k, w in current.items()}
+    shapes = getattr(current, "shapes", None) or {k: tuple(w.shape) for k, w in current.items()}
     check_loras(loras, shapes)
     check_concepts([concept_of(lora) for lora in loras], enc, "loras")
     if device is None:
         device = next(iter(current.values())).device
+    out_device, device = torch.device(device), acc_device(device)  # float64 work where float64 exists
     d = enc.dim
     if {s[1] for s in shapes.values()} != {d}:
         raise MaceInputError("clip", f"the text encoder gives {d}-wide features but the cross-attention reads "
@@ -126,20 +134,32 @@ def fuse(
 
     gram = torch.zeros(d, d, dtype=ACC, device=device)
     count = 0
-    acc: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for lora in loras:
+        for k in lora.keys:
+            ranks[k] = ranks.get(k, 0) + int(lora.up[k].shape[1])
+    factored = {k: r < shapes[k][0] for k, r in ranks.items()}
+    # per matrix: V (R, d) when factored, else the (out, d) accumulator; float64, allocated up front
+    store = {k: torch.zeros(r if factored[k] else shapes[k][0], d, dtype=ACC, device=device) for k, r in ranks.items()}
+    ups: dict[str, list[tuple[torch.Tensor, float]]] = {k: [] for k in ranks}  # the LoRAs' own up tensors
+    filled = dict.fromkeys(ranks, 0)
     for lora in loras:
         _, feats = enc.encode(concept_of(lora).prompts())
-        x = feats.reshape(-1, d).to(device, ACC)
+        x = to_acc(feats.reshape(-1, d), device)
         g = x.T @ x
         gram += g
         count += x.shape[0]
         for k in lora.keys:
-            # dW_i G_i = up (down G_i): an (r, d) product, then (out, r) @ (r, d); no (out, d) delta per LoRA.
-            term = (lora.up[k].to(device, ACC) * lora.scale) @ (lora.down[k].to(device, ACC) @ g)
-            if k in acc:
-                acc[k] += term
+            # dW_i G_i = up (down G_i): an (r, d) product; no (out, d) delta per LoRA
+            v = to_acc(lora.down[k], device) @ g
+            if factored[k]:
+                r = v.shape[0]
+                store[k][filled[k]:filled[k] + r] = v
+                filled[k] += r
+                ups[k].append((lora.up[k], lora.scale))
             else:
-                acc[k] = term
+                store[k] += (to_acc(lora.up[k], device) * lora.scale) @ v
+            del v
         del x, g
         if progress:
             progress()
@@ -148,24 +168,32 @@ def fuse(
     m = gram + lam * ridge_scale(gram) * eye
     p = None
     if prior is not None and prior_weight > 0:
-        p = prior_weight * count * prior.to(device, ACC)
+        p = prior_weight * count * to_acc(prior, device)
     families = [lora.family for lora in loras]
     keep = keep_moment(list(preserve), families, enc) if preserve and preserve_weight > 0 else None
     if keep is not None:
-        kp = preserve_weight * count * keep.to(device, ACC)
+        kp = preserve_weight * count * to_acc(keep, device)
         p = kp if p is None else p + kp
     if p is not None:
         m = m + p
     solve = SpdSolver(m)
 
     deltas = {}
-    for k in current:
-        rhs = acc.pop(k, None)
+    for k in shapes:
+        delta = None
+        if k in store:
+            if factored[k]:  # (U V) M^-1 = U (V M^-1): an (R, d) solve, then one (out, R) @ (R, d) product
+                u = torch.cat([to_acc(up, device) * scale for up, scale in ups.pop(k)], dim=1)
+                delta = u @ solve(store.pop(k))
+                del u
+            else:
+                delta = solve(store.pop(k))
         if p is not None and keep_target == "original":
-            back = (original[k].to(device, ACC) - current[k].to(device, ACC)) @ p
-            rhs = back if rhs is None else rhs + back
-        if rhs is not None:  # a matrix no LoRA touches and no prior pulls back keeps W' (no patch)
-            deltas[k] = solve(rhs).to(torch.float32)
+            back = solve((to_acc(original[k], device) - to_acc(current[k], device)) @ p)
+            delta = back if delta is None else delta + back
+        if delta is not None:  # a matrix no LoRA touches and no prior pulls back keeps W' (no patch)
+            deltas[k] = delta.to(out_device, out_dtype)
+        del delta
     log.info("MACE fuse: %d LoRAs, %d concept tokens, %d matrices", len(loras), count, len(deltas))
     return deltas
 

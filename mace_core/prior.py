@@ -5,6 +5,7 @@ project, span the everyday directions of the text space well enough for a ridge-
 depends only on the text encoder, so hosts cache it per encoder.
 """
 
+import hashlib
 import itertools
 
 import torch
@@ -30,6 +31,12 @@ def generic_prompts(limit: int = 160) -> list[str]:
     # Deterministic spread over the combinations rather than the first `limit` (which would share one medium).
     step = max(1, len(prompts) // limit)
     return prompts[::step][:limit]
+
+
+def prompt_set_version(prompts: list[str] | None = None) -> str:
+    """A digest of the generic prompt set: caches of its statistics must not outlive a change to it."""
+    prompts = prompts if prompts is not None else generic_prompts()
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:12]
 
 
 def prior_moment(enc: TextEncoder, prompts: list[str] | None = None, batch: int = 64, progress=None) -> torch.Tensor:

@@ -144,8 +144,13 @@ def train_task(task: ConceptTask, cfg: TrainConfig, generator: torch.Generator,
         opt.zero_grad(set_to_none=True)
         loss = task.loss(step, generator)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"MACE training loss became {loss.item()} at step {step}; "
-                                     "lower the learning rate.")
+            if step == 0:  # nothing has been learnt yet: the model, its sampling or the data give this, not the lr
+                raise FloatingPointError(f"MACE training loss is {loss.item()} at the first step, before any update: "
+                                         "the model or its inputs give non-finite attention (check the model's "
+                                         "sampling type, dtype and the training latents).")
+            losses_so_far = ", ".join(f"{v:.3g}" for v in losses[-3:])
+            raise FloatingPointError(f"MACE training loss became {loss.item()} at step {step} (last losses "
+                                     f"{losses_so_far}); the updates diverged: lower the learning rate.")
         loss.backward()
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

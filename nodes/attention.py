@@ -148,10 +148,10 @@ class TrainableModel:
         if uncovered:
             log.warning("MACE: %d UNet parameters are outside ComfyUI's ops (e.g. %s); training may fail if they "
                         "are inference tensors", len(uncovered), uncovered[0])
-        if self.patcher.model.get_dtype() in (torch.float16, torch.bfloat16):
-            # fp16 gradients through a whole UNet underflow without loss scaling; the paper trains in fp32.
-            # ComfyUI's manual cast computes each layer in fp32 from the stored 16-bit weights (an object patch,
-            # restored when the clone is unloaded).
+        if self.patcher.model.get_dtype() != torch.float32:
+            # fp16 gradients through a whole UNet underflow without loss scaling, and fp8 has no arithmetic of its
+            # own; the paper trains in fp32. ComfyUI's manual cast computes each layer in fp32 from the stored 16- or
+            # 8-bit weights (an object patch, restored when the clone is unloaded).
             self.patcher.set_model_compute_dtype(torch.float32)
         missing = set(lora_keys) - set(self.patcher.weight_wrapper_patches)
         if missing:
@@ -238,7 +238,7 @@ def model_conds(patcher, prompt: Prompt, latent_shape, device) -> dict:
 def denoise_forward(patcher, latent: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, conds: dict):
     """One denoiser call at latent noised to the given integer timesteps (latent already in model space)."""
     ms = patcher.model.model_sampling
-    sigma = ms.sigma(timesteps.float()).to(latent.device)
+    sigma = host.timestep_sigmas(patcher, timesteps).to(latent.device)  # not ms.sigma(t): EDM reads t otherwise
     x = ms.noise_scaling(sigma, noise, latent)
     kw = dict(conds)
     c_crossattn, c_concat = kw.pop("c_crossattn"), kw.pop("c_concat", None)
@@ -249,9 +249,8 @@ def denoise_forward(patcher, latent: torch.Tensor, noise: torch.Tensor, timestep
 # ---------------------------------------------------------------- training data
 
 def default_image_size(model) -> int:
-    """512 for SD1.x/SD2.x, 1024 for SDXL (whose context is 2048 wide)."""
-    ctx = model.model.model_config.unet_config.get("context_dim") or 768
-    return 1024 if ctx >= 2048 else 512
+    """The model's own training size (host.default_image_size: SD1.x 512, SD2.x 768-v 768, SDXL 1024)."""
+    return host.default_image_size(model)
 
 
 def generate_latents(model, clip, text: str, count: int, size: int, seed: int, on_step=None) -> torch.Tensor:

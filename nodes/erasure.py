@@ -24,10 +24,11 @@ class MACESaveErasure(io.ComfyNode):
             node_id="MACESaveErasure",
             display_name="MACE Save Erasure",
             category="MACE",
-            description="Saves what the MACE nodes changed (erased model minus the checkpoint's weights, on every "
-                        "cross-attention key/value projection) to models/loras/<filename_prefix>.safetensors. The "
-                        "stock Load LoRA node at strength 1 on the same checkpoint reproduces the erased model. The "
-                        "erased concepts, their anchors and the base model's fingerprint are recorded in the file.",
+            description="Saves what the MACE nodes changed (their own patches on every cross-attention key/value "
+                        "projection; other LoRAs on the model are left out) to "
+                        "models/loras/<filename_prefix>.safetensors. The stock Load LoRA node at strength 1 on the "
+                        "same checkpoint (with the same other LoRAs) reproduces the erased model. The erased "
+                        "concepts, their anchors and the base model's fingerprint are recorded in the file.",
             inputs=[
                 io.Model.Input("model", tooltip="The erased model (after MACE Refine and/or MACE Fuse LoRAs)."),
                 io.String.Input("filename_prefix", default="mace/erasure",
@@ -82,18 +83,12 @@ def _concepts(model, bundle, text) -> list[Concept]:
 
 
 def erasure_deltas(model) -> dict:
-    """Current minus original weights on the cross-attention keys that changed (float32, compute device)."""
+    """MACE's own change to the cross-attention (float32, compute device): the sum of the patches MACE nodes added,
+    not current minus checkpoint weights, so a LoRA loaded upstream (or downstream) stays out of the erasure file."""
     keys = host.cross_attention_keys(model)
-    device = host.compute_device()
-    current = host.current_weights(model, keys, device)
-    original = host.original_weights(model, keys)
-    deltas = {}
-    for k in keys:
-        d = current[k] - original[k].to(device, current[k].dtype)
-        if bool(d.any()):
-            deltas[k] = d
+    deltas = {k: d for k, d in host.mace_deltas(model, keys, host.compute_device()).items() if bool(d.any())}
     if not deltas:
-        raise MaceInputError("model", "this model's cross-attention is the checkpoint's own: there is no erasure to "
+        raise MaceInputError("model", "this model's cross-attention carries no MACE change: there is no erasure to "
                                       "save.", "Connect the output of MACE Refine Cross-Attention or MACE Fuse LoRAs.")
     return deltas
 
@@ -105,7 +100,8 @@ def save_erasure(model, filename_prefix="mace/erasure", mode="full", rank=64, bu
     path = inside(loras_root(), prefix + ".safetensors", "filename_prefix")
     deltas = erasure_deltas(model)
     keys = host.cross_attention_keys(model)
-    dtype = host.original_weights(model, keys)[keys[0]].dtype  # a fp16 checkpoint gets fp16 differences
+    # a fp16 checkpoint gets fp16 differences; an fp8 one not fp8 (host.patch_dtype: the delta would not survive)
+    dtype = host.patch_dtype(host.original_weights(model, keys)[keys[0]].dtype)
     progress = host.Progress(len(deltas) + 1)
     tensors, err = lora_files.erasure_tensors(deltas, mode, rank, dtype, progress)
     meta = lora_files.erasure_metadata(_concepts(model, bundle, concepts), host.model_fingerprint(model), mode, rank,

@@ -81,11 +81,12 @@ def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lamb
     prior = prior_for(clip, enc) if preservation_strength > 0 else None
     progress()
     device = host.compute_device()
-    current = host.current_weights(model, keys, device)
+    current = host.CurrentWeights(model, keys, device)  # read per matrix (keep_target 'original' only)
     original = host.original_weights(model, keys)
+    # deltas come out in the dtype they are patched in, so no second full-size copy exists
     deltas = fuse(loras, enc, current, original, prior, keep, prior_weight=preservation_strength,
                   preserve_weight=preservation_strength, lam=lambda_, device=device, progress=progress,
-                  keep_target=keep_target)
+                  keep_target=keep_target, out_dtype=host.patch_dtype(original[keys[0]].dtype))
     progress()
     out = host.with_deltas(model, deltas)
     record_erased(out, loras)

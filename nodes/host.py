@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import weakref
+from collections.abc import Mapping
 
 import comfy.lora
 import comfy.model_management as mm
@@ -26,20 +27,41 @@ _KV = re.compile(r"^diffusion_model\..*\.attn2\.to_[kv]\.weight$")
 
 # ---------------------------------------------------------------- model side
 
+# What each supported family's cross-attention reads; for the error that names a mismatched CLIP.
+_FAMILY_TEXT = {"SD15": "SD1.x (CLIP-L)", "SD20": "SD2.x (OpenCLIP-H)", "SDXL": "SDXL (CLIP-L + CLIP-G)"}
+
+
+def model_family(model) -> str:
+    """ComfyUI's name for the model's family (its supported_models config class: SD15, SD20, SDXL, Flux, SD3...)."""
+    config = getattr(model.model, "model_config", None)
+    return type(config).__name__ if config is not None else type(model.model).__name__
+
+
+def clip_family(clip) -> str:
+    """The text encoder's class name as ComfyUI built it (SD1ClipModel, SD2ClipModel, SDXLClipModel, ...)."""
+    return type(getattr(clip, "cond_stage_model", clip)).__name__
+
+
 def cross_attention_keys(model, clip=None) -> list[str]:
-    """Every attn2 to_k/to_v weight key of the UNet; a clear error for families without text cross-attention."""
+    """Every attn2 to_k/to_v weight key of the UNet; a clear error for families without text cross-attention, and
+    for a CLIP whose features the cross-attention cannot read (checked before anything is computed)."""
+    if not hasattr(model, "model_state_dict") or not hasattr(getattr(model, "model", None), "diffusion_model"):
+        raise MaceInputError("model", f"expected a diffusion MODEL, got {type(model).__name__}.")
     sd = model.model_state_dict()
     keys = sorted(k for k in sd if _KV.match(k))
+    family = model_family(model)
     if not keys:
-        name = type(model.model).__name__
-        raise MaceInputError("model", f"this {name} model has no UNet cross-attention (attn2.to_k/to_v) to edit.",
+        raise MaceInputError("model", f"the {family} model family is not supported yet: it has no UNet "
+                                      f"cross-attention (attn2.to_k/to_v) for MACE to edit.",
                              "MACE supports SD1.x, SD2.x and SDXL-family UNets.")
     if clip is not None:
         widths = {sd[k].shape[1] for k in keys}
         dim = text_width(clip)
         if widths != {dim}:
-            raise MaceInputError("clip", f"the text encoder gives {dim}-wide features but the model's cross-attention "
-                                         f"reads {sorted(widths)}.", "Connect the CLIP loaded with this checkpoint.")
+            reads = _FAMILY_TEXT.get(family, family)
+            raise MaceInputError("clip", f"this {clip_family(clip)} text encoder gives {dim}-wide features, but the "
+                                         f"{reads} model's cross-attention reads {sorted(widths)}-wide ones.",
+                                 "Connect the CLIP loaded with this checkpoint (the same Load Checkpoint node).")
     return keys
 
 
@@ -61,11 +83,63 @@ def current_weights(model, keys: list[str], device=None) -> dict[str, torch.Tens
     return out
 
 
+class CurrentWeights(Mapping):
+    """current_weights as a mapping computed one key at a time: a caller that reads the matrices one by one never holds
+    all of them in float32 (SDXL's 140 K/V matrices are 1.3 GB so). `shapes` answers without computing anything."""
+
+    def __init__(self, model, keys: list[str], device=None):
+        self._model, self._keys, self._device = model, list(keys), device
+        patches = model.get_key_patches("diffusion_model.")
+        self.shapes = {k: tuple(patches[k][0][0].shape) for k in self._keys}
+
+    def __getitem__(self, key):
+        if key not in self.shapes:
+            raise KeyError(key)
+        return current_weights(self._model, [key], self._device)[key]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+def patch_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a MACE 'diff' patch is kept in for weights stored in `weight_dtype`.
+
+    16- and 32-bit weights take the patch in their own dtype (ComfyUI adds it in float32 and rounds the sum back to
+    that dtype anyway). 8-bit weights (fp8 checkpoints) do not: cast to float8_e4m3fn, a 3e-3-scale delta is off by
+    18 % (its subnormal range), and of a 3e-4-scale one the loaded model keeps 3 %; in float16 the patch is exact and
+    ComfyUI's stochastic rounding of W0 + delta into fp8 keeps it unbiased (the model computes with 100 +- 4 % of it on
+    average, each weight still on the fp8 grid). tests/host/test_families.py measures both.
+    """
+    if weight_dtype.itemsize < 2:
+        return torch.float16
+    return weight_dtype
+
+
+# Every delta tensor MACE has handed to a ModelPatcher. Clones share patch tensors (clone() copies the lists, not the
+# tensors), so this tells MACE's own change apart from any other patch (a LoRA loaded upstream) on the same keys.
+# Keyed by id with an identity check (a WeakSet would compare tensors with ==); entries vanish with their tensors.
+_MACE_PATCHES: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+def _is_mace_patch(t) -> bool:
+    return isinstance(t, torch.Tensor) and _MACE_PATCHES.get(id(t)) is t
+
+
 def with_deltas(model, deltas: dict[str, torch.Tensor], strength: float = 1.0):
-    """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing."""
+    """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing. The deltas'
+    tensors become the patches' (do not change them afterwards)."""
     originals = original_weights(model, list(deltas))
     patched = model.clone()
-    spec = {k: ("diff", (d.to(device=originals[k].device, dtype=originals[k].dtype),)) for k, d in deltas.items()}
+    spec = {}
+    for k, d in deltas.items():
+        # the patch takes the caller's tensor over when it already has the right dtype and device (no copy: SDXL's
+        # deltas are 0.7 GB in fp16); callers hand over fresh tensors
+        t = d.to(device=originals[k].device, dtype=patch_dtype(originals[k].dtype))
+        _MACE_PATCHES[id(t)] = t
+        spec[k] = ("diff", (t,))
     applied = set(patched.add_patches(spec, strength))
     missing = set(deltas) - applied
     if missing:
@@ -74,8 +148,66 @@ def with_deltas(model, deltas: dict[str, torch.Tensor], strength: float = 1.0):
     return patched
 
 
+def mace_deltas(model, keys: list[str], device=None) -> dict[str, torch.Tensor]:
+    """What MACE nodes added to these weights (float32), leaving out every other patch on them (LoRAs loaded before
+    or after MACE). Keys MACE did not change are absent."""
+    patches = model.get_key_patches("diffusion_model.")
+    out = {}
+    for k in keys:
+        total = None
+        for strength, value, strength_model, offset, function in patches[k][1:]:
+            if not (isinstance(value, tuple) and value and value[0] == "diff" and _is_mace_patch(value[1][0])):
+                continue
+            if strength_model != 1.0 or offset is not None or function is not None:
+                raise MaceInputError("model", f"a MACE patch on {k} was re-applied with a model strength, offset or "
+                                              "function; its change cannot be separated.")
+            d = value[1][0].to(device=device, dtype=torch.float32) * strength
+            total = d if total is None else total + d
+        if total is not None:
+            out[k] = total
+    return out
+
+
 def compute_device():
     return mm.get_torch_device()
+
+
+def timestep_sigmas(model, timesteps: torch.Tensor) -> torch.Tensor:
+    """Noise levels for DDPM-style integer timesteps (0 = clean .. 999 = pure noise), through the model's own
+    percent-to-sigma mapping, so every sampling type a ComfyUI UNet has (eps, v, v with zero terminal SNR, EDM,
+    v-EDM) gets sigmas inside its own range.
+
+    model_sampling.sigma(t) reads t in the model's own timestep units: for discrete schedules that is the DDPM step
+    and gives the same values; for EDM it is 0.25 log(sigma), and step 300 would mean sigma = exp(1200) = inf.
+    ComfyUI's percent (0 = start of sampling, 1 = end) is the one scale every sampling type shares.
+    """
+    ms = model.model.model_sampling
+    lo, hi = float(ms.sigma_min), float(ms.sigma_max)
+    steps = 999.0
+    out = []
+    for t in timesteps.flatten().tolist():
+        if not 0 <= t <= steps:
+            raise ValueError(f"timestep {t} is outside 0..{steps:.0f}")
+        # percent_to_sigma maps the ends to 0 and "infinite"; the ends of the model's range are what they mean
+        s = ms.percent_to_sigma(1.0 - t / steps) if 0 < t < steps else (lo if t == 0 else hi)
+        out.append(min(max(float(s), lo), hi))
+    sigmas = torch.tensor(out, dtype=torch.float32).reshape(timesteps.shape)
+    if not bool(torch.isfinite(sigmas).all()):
+        raise RuntimeError(f"MACE: the {model_family(model)} model's sampling gives non-finite noise levels "
+                           f"{out} for timesteps {timesteps.tolist()}")
+    return sigmas
+
+
+def default_image_size(model) -> int:
+    """The side the model was trained at: SDXL 1024; SD2.x 768 for its v-prediction models (768-v) and 512 for the
+    eps base; SD1.x 512. Training images are made at this size unless the user gives one."""
+    family = model_family(model)
+    ctx = model.model.model_config.unet_config.get("context_dim") or 768
+    if family.startswith("SDXL") or family in ("SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B") or ctx >= 2048:
+        return 1024
+    if family.startswith("SD2") and model.model.model_type.name.startswith("V_PREDICTION"):
+        return 768
+    return 512
 
 
 def model_fingerprint(model) -> str:
@@ -141,6 +273,26 @@ def clip_encoder(clip) -> ClipEncoder:
 
 def clip_fingerprint(clip) -> str:
     return _fingerprint(clip.get_sd())
+
+
+PROBE_PROMPTS = ["a photo of a dog on a beach", "an oil painting of an old man"]
+
+
+def text_features_key(clip) -> str:
+    """Identifies the per-token features this CLIP produces, for caches of statistics computed from them.
+
+    The weights alone are not enough: a clone with another clip_layer (CLIP Set Last Layer), tokenizer options, or a
+    LoRA on the text encoder shares the weights and gives other features. So the key holds the weights' fingerprint,
+    the layer and tokenizer settings, and a digest of the features two probe prompts actually get (rounded to
+    float16, so it names the encoder, not the last bits of one run).
+    """
+    enc = clip_encoder(clip)
+    _, feats = enc.encode(PROBE_PROMPTS)
+    h = hashlib.sha256()
+    h.update(clip_fingerprint(clip).encode())
+    h.update(repr((getattr(clip, "layer_idx", None), sorted(getattr(clip, "tokenizer_options", {}).items()))).encode())
+    h.update(feats.detach().to("cpu", torch.float16).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _fingerprint(tensors: dict[str, torch.Tensor]) -> str:

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..mace_core.closed_form import apply_transform
 from ..mace_core.concepts import parse_kept
-from ..mace_core.prior import prior_moment
+from ..mace_core.prior import prior_moment, prompt_set_version
 from ..mace_core.refine import refine
 from . import host
 
@@ -19,7 +19,8 @@ log = logging.getLogger("MACE")
 
 def prior_for(clip, enc, progress=None):
     """Generic-prompt statistics of this text encoder, computed once and cached on disk."""
-    name = f"prior_{host.clip_fingerprint(clip)}"
+    # keyed by the features (layer setting included) and by the generic prompt set they are computed from
+    name = f"prior_{host.text_features_key(clip)}_{prompt_set_version()}"
     return host.cached_tensor(name, lambda: prior_moment(enc, progress=progress))
 
 
@@ -71,7 +72,11 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     t = refine(items, enc, prior, keep, prior_weight=preservation_strength, preserve_weight=preservation_strength,
                lam=lambda_, progress=progress)
     device = host.compute_device()
-    deltas = {k: apply_transform(w, t.to(device)) for k, w in host.current_weights(model, keys, device).items()}
+    # one matrix at a time, straight to the patch dtype (SDXL's K/V in float32 are 1.3 GB); T stays float64 where it
+    # was solved, apply_transform brings it to W's device only where float64 exists there
+    current = host.CurrentWeights(model, keys, device)
+    dtype = host.patch_dtype(host.original_weights(model, keys[:1])[keys[0]].dtype)
+    deltas = {k: apply_transform(current[k], t).to(dtype) for k in keys}
     out = host.with_deltas(model, deltas)
     log.info("MACE refine: %d concepts, %d matrices in %.2fs", len(items), len(keys), time.perf_counter() - t0)
     return out

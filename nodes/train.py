@@ -102,7 +102,8 @@ class MACETrainConceptLoRA(io.ComfyNode):
                                       "order; one mask per image, or one for all."),
                 io.Int.Input("image_size", default=0, min=0, max=2048, step=64, optional=True,
                              tooltip="Side in pixels of the generated training images; 0 picks the model's usual "
-                                     "size (512 for SD1.x/SD2.x, 1024 for SDXL). Smaller is faster."),
+                                     "size (SD1.x 512; SD2.x 768 for 768-v models, 512 for the base; SDXL 1024). "
+                                     "Smaller is faster."),
                 io.Model.Input("image_model", optional=True,
                                tooltip="The model that makes the training images and attention masks when no "
                                        "latents are connected; connect the original checkpoint (it still draws the "

@@ -54,6 +54,24 @@ def place_checkpoint(base: Path, path: str) -> str:
     return f"mace-cli/{src.name}"
 
 
+def checkpoint_size(path: str) -> int:
+    """The side a checkpoint's family samples at, from its tensor shapes (the CLI does not import ComfyUI): the
+    cross-attention's context width tells SDXL (2048; its refiner 1280) from SD2.x (1024) from SD1.x (768), and SD2.x's
+    768-v models from its 512 eps base by the spread ComfyUI's own detection reads."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+        ctx = next((f.get_slice(k).get_shape()[1] for k in keys if k.endswith("attn2.to_k.weight")), 768)
+        if ctx >= 1280:
+            return 1024
+        if ctx == 1024:
+            bias = next((k for k in keys if k.endswith("output_blocks.11.1.transformer_blocks.0.norm1.bias")), None)
+            if bias is not None and float(f.get_tensor(bias).float().std(unbiased=False)) > 0.09:
+                return 768
+    return 512
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="mace-erase", description=__doc__.split("\n\n")[0])
     ap.add_argument("--concepts", default=None,
@@ -64,6 +82,8 @@ def main(argv=None):
                                                        "(default: the pack's concept world, trained on first use)")
     ap.add_argument("--prompt", default=None, help="prompt to sample before and after (default: the first concept)")
     ap.add_argument("--steps", type=int, default=None, help="LoRA training steps per concept")
+    ap.add_argument("--learning-rate", type=float, default=None,
+                    help="LoRA learning rate (default 1e-4 for a checkpoint, the concept world's own for the world)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="mace_out", help="folder for the before/after images and the erasure LoRA")
     ap.add_argument("--name", default="mace_erasure", help="file name prefix of the erasure LoRA")
@@ -80,7 +100,8 @@ def main(argv=None):
     link_pack(base)
     world = args.checkpoint is None
     ckpt = None if world else place_checkpoint(base, args.checkpoint)
-    defaults = WORLD_DEFAULT if world else {"concept_type": "celebrity", "steps": 50, "size": 512, "sample_steps": 20}
+    defaults = WORLD_DEFAULT if world else {"concept_type": "celebrity", "steps": 50, "sample_steps": 20,
+                                            "size": checkpoint_size(str(Path(args.checkpoint).expanduser()))}
     concepts = "\n".join(c.strip() for c in (args.concepts or defaults.get("concepts", "")).replace(";", "\n")
                          .splitlines() if c.strip())
     if not concepts:
@@ -99,7 +120,7 @@ def main(argv=None):
         image_size=args.size or (defaults["size"] if world else 0),
         train_steps=args.steps or defaults["steps"],
         prefix=args.name,
-        learning_rate=defaults.get("learning_rate", 1e-4),
+        learning_rate=args.learning_rate or defaults.get("learning_rate", 1e-4),
     ).api()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -88,7 +88,10 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("rank,keep_target", [(1, "original"), (2, "original"), (1, "input")])
+# Total ranks 3 and 6 stay below every matrix's out (8, 24, 16): the LoRA term is kept as factors. Rank 4 gives 12
+# (8 on b0.to_k): b0's matrices take the (out, d) accumulator, the others the factors, in one run.
+@pytest.mark.parametrize("rank,keep_target", [(1, "original"), (2, "original"), (1, "input"), (4, "original"),
+                                              (4, "input")])
 def test_fusion_equals_stacked_least_squares(rank, keep_target):
     shapes, w0, wp = setup()
     enc = HashEncoder()
@@ -106,6 +109,10 @@ def test_fusion_equals_stacked_least_squares(rank, keep_target):
     for k in wp:
         assert deltas[k].dtype == torch.float32
         assert rel(deltas[k], ref[k]) < 1e-5, k
+    half = fuse(loras, enc, wp, w0, prior, keep, prior_weight=0.7, preserve_weight=0.4, lam=0.02,
+                keep_target=keep_target, out_dtype=torch.float16)
+    assert all(half[k].dtype == torch.float16 and torch.allclose(half[k].float(), deltas[k], rtol=1e-3, atol=1e-6)
+               for k in wp)
 
 
 def test_fusion_without_prior_or_ridge_matches_and_beats_naive_sum():
@@ -174,3 +181,33 @@ def test_kept_names_are_protected_in_every_erased_type_and_their_own():
     assert torch.allclose(both, keep_moment([Kept("Ann Lee", "style")], ["celebrity", "style"], enc))
     assert not torch.allclose(both, keep_moment(["Ann Lee"], ["celebrity"], enc))
     assert torch.allclose(keep_moment([Kept("Ann Lee", "style")], ["celebrity"], enc), both)
+
+
+def test_fusion_for_a_device_without_float64_solves_on_the_cpu(monkeypatch):
+    """A device declared without float64 (here the meta device, which holds no data: any float64 work routed to it
+    would leave no numbers to return) gets float32 results while every float64 tensor lives on the CPU."""
+    from torch.overrides import TorchFunctionMode
+
+    import mace_core.closed_form as cf
+
+    shapes, w0, wp = setup()
+    enc = HashEncoder()
+    loras = make_loras(shapes, ["Alice Smith", "Bob Jones"], rank=4)
+    prior = torch.eye(enc.dim, dtype=torch.float64)
+    expected = fuse(loras, enc, wp, w0, prior, (), lam=0.02, keep_target="original")
+    monkeypatch.setattr(cf, "NO_FLOAT64", {"mps", "meta"})
+    assert cf.acc_device("meta") == torch.device("cpu") and cf.Moments(4, device="meta").gram.device.type == "cpu"
+    places = set()
+
+    class Float64Places(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                places.add(out.device.type)
+            return out
+
+    with Float64Places():
+        got = fuse(loras, enc, wp, w0, prior, (), lam=0.02, keep_target="original", device="meta")
+    assert places == {"cpu"}
+    assert all(got[k].device.type == "meta" and got[k].dtype == torch.float32 for k in got)
+    assert got.keys() == expected.keys()

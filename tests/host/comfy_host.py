@@ -112,36 +112,114 @@ def _init_(module, seed, std=None):
                 p.zero_()
 
 
-def tiny_model(dtype=None, seed=0, **cfg):
-    """A real SD1.5 ModelPatcher (comfy.supported_models.SD15) with toy widths."""
+# Sampling types a UNet checkpoint can carry, and the state-dict markers ComfyUI's model detection reads them from
+# (comfy.supported_models *.model_type). SD1.x is always eps; SD2.x knows eps and v; SDXL all of them.
+SAMPLING_MARKERS = {
+    "eps": {},
+    "v": {"v_pred": 1.0},
+    "v_zsnr": {"v_pred": 1.0, "ztsnr": 1.0},
+    "edm": {"edm_mean": 1.0, "edm_std": 1.0},  # Playground v2.5
+    "v_edm": {"edm_vpred.sigma_max": 120.0, "edm_vpred.sigma_min": 0.002},
+}
+FAMILIES = ("sd15", "sd2", "sdxl")
+
+
+def _markers(family, sampling):
+    import torch
+
+    if family == "sd15":
+        if sampling != "eps":
+            raise ValueError("SD1.x checkpoints are eps-prediction only")
+        return {}
+    if family == "sd2":
+        if sampling not in ("eps", "v"):
+            raise ValueError("SD2.x checkpoints are eps or v-prediction")
+        # SD20.model_type reads v-prediction from the spread of this bias: > 0.09 is v
+        std = 1.0 if sampling == "v" else 0.0
+        return {"output_blocks.11.1.transformer_blocks.0.norm1.bias": torch.randn(8, generator=torch.Generator()
+                                                                                  .manual_seed(0)) * std}
+    return {k: torch.tensor(v) for k, v in SAMPLING_MARKERS[sampling].items()}
+
+
+def tiny_model(dtype=None, seed=0, family="sd15", sampling="eps", clip_widths=(64, 64), **cfg):
+    """A real UNet ModelPatcher of the family (comfy.supported_models SD15 / SD20 / SDXL) at toy widths.
+
+    sdxl: context = clip_l width + clip_g width, 'y' from clip_g's pooled vector plus six 256-wide size embeddings
+    (model.encode_adm), linear projections in the transformers. sd2: context = the OpenCLIP-H encoder's width.
+    `sampling` picks the prediction type through the same state-dict markers a checkpoint carries.
+    """
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     import torch
 
     dtype = dtype or torch.float32
-    conf = comfy.supported_models.SD15(tiny_unet_config(**cfg))
-    conf.set_inference_dtype(dtype, None)
-    model = conf.get_model({})
+    if family == "sdxl":
+        wl, wg = clip_widths
+        cfg.setdefault("context_dim", wl + wg)
+        unet = tiny_unet_config(**cfg)
+        unet.update(use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=wg + 6 * 256)
+        conf = comfy.supported_models.SDXL(unet)
+    elif family == "sd2":
+        cfg.setdefault("context_dim", clip_widths[0])
+        unet = tiny_unet_config(**cfg)
+        unet["use_linear_in_transformer"] = True
+        conf = comfy.supported_models.SD20(unet)
+    elif family == "sd15":
+        conf = comfy.supported_models.SD15(tiny_unet_config(**cfg))
+    else:
+        raise ValueError(f"unknown family {family}")
+    if family != "sd15":
+        # the family's extra config sets 64-channel heads, which do not divide the toy widths
+        conf.unet_config["num_head_channels"] = 16
+    # 8-bit weights have no arithmetic of their own: ComfyUI computes such checkpoints in a manual-cast dtype
+    conf.set_inference_dtype(dtype, torch.float32 if dtype.itemsize < 2 else None)
+    model = conf.get_model(_markers(family, sampling))
     _init_(model.diffusion_model, seed)
     model.diffusion_model.to(dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
 
-def tiny_clip(dtype=None, seed=0, width=64):
-    """A real comfy.sd.CLIP for SD1.x with the bundled tokenizer and a 2-layer text model."""
+def _text_config(width, layers):
+    return {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
+            "num_hidden_layers": layers, "projection_dim": width}
+
+
+def tiny_clip(dtype=None, seed=0, width=64, family="sd15", widths=(64, 64)):
+    """A real comfy.sd.CLIP of the family with the bundled tokenizers: SD1.x CLIP-L (2 layers); SD2.x the
+    OpenCLIP-H-architecture encoder (penultimate layer, so 3 layers); SDXL clip_l + clip_g (penultimate each)."""
     import comfy.sd
     import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.text_encoders.sd2_clip
     import torch
+    from comfy.supported_models_base import ClipTarget
 
     dtype = dtype or torch.float32
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    cfg = {"hidden_size": width, "intermediate_size": 2 * width, "num_attention_heads": 2,
-           "num_hidden_layers": 2, "projection_dim": width}
-    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, "clip_l_model_config": cfg})
+    if family == "sd15":
+        target = ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+        options = {"clip_l_model_config": _text_config(width, 2)}
+    elif family == "sd2":
+        target = ClipTarget(comfy.text_encoders.sd2_clip.SD2Tokenizer, comfy.text_encoders.sd2_clip.SD2ClipModel)
+        options = {"clip_h_model_config": _text_config(widths[0], 3)}
+    elif family == "sdxl":
+        target = ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        options = {"clip_l_model_config": _text_config(widths[0], 3),
+                   "clip_g_model_config": _text_config(widths[1], 3)}
+    else:
+        raise ValueError(f"unknown family {family}")
+    clip = comfy.sd.CLIP(target, model_options={"dtype": dtype, **options})
     _init_(clip.cond_stage_model, seed + 1, std=0.02)
     return clip
+
+
+def tiny_pair(family="sd15", sampling="eps", dtype=None, seed=0):
+    """MODEL and CLIP of one family that fit each other (the context widths agree)."""
+    if family == "sd15":
+        return tiny_model(dtype, seed), tiny_clip(dtype, seed)
+    return (tiny_model(dtype, seed, family=family, sampling=sampling),
+            tiny_clip(dtype, seed, family=family))
 
 
 def tiny_vae(seed=0):
@@ -183,3 +261,23 @@ def write_sd15_checkpoint(path, seed=0):
 
     os.replace(tmp, path)
     return path
+
+
+def tiny_flux(seed=0):
+    """A real Flux ModelPatcher (comfy.supported_models.Flux) at toy width: a family whose text enters through joint
+    attention, with no UNet cross-attention for MACE to edit."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    cfg = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 64,
+           "context_in_dim": 64, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+           "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+           "guidance_embed": False}
+    conf = comfy.supported_models.Flux(cfg)
+    conf.set_inference_dtype(torch.float32, None)
+    model = conf.get_model({})
+    _init_(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
