@@ -19,7 +19,7 @@ from . import nets, segment, spec, store
 log = logging.getLogger(__name__)
 
 LATENT_SHAPE = (4, 8, 8)  # 64 x 64 pixels
-SAMPLING_HINT = "mace_sampling_hint"  # the model_options entry nodes/sampling.py reads
+SAMPLING_HINT = "mace_sampling_hint"  # the model_options entry nodes/host.py default_image_size reads
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _assemble(groups, meta, seed, preset, path):
     cls.eval().requires_grad_(False)
     model = nets.patcher(base)
     model.model_options["transformer_options"]["optimized_attention_override"] = nets.sdpa_override
-    # how the world is meant to be sampled, for the pack's nodes that pick a picture size (nodes/sampling.py HINT):
+    # how the world is meant to be sampled, for the pack's nodes that pick a picture size (nodes/host.py):
     # its 64 px, not SD1.5's 512, which is 64x the pixels and off everything it learned
     model.model_options[SAMPLING_HINT] = {"image_size": LATENT_SHAPE[-1] * 8}
     return World(seed=seed, preset=preset, path=path, model=model, clip=clip, vae=vae, classifier=cls,

@@ -198,9 +198,18 @@ def timestep_sigmas(model, timesteps: torch.Tensor) -> torch.Tensor:
     return sigmas
 
 
+# The model_options entry by which a model says how it is meant to be sampled (the pack's concept world sets it:
+# 64 px, where its SD1.5 class would say 512, which is 64x the pixels and off everything it learned).
+SAMPLING_HINT = "mace_sampling_hint"
+
+
 def default_image_size(model) -> int:
-    """The side the model was trained at: SDXL 1024; SD2.x 768 for its v-prediction models (768-v) and 512 for the
-    eps base; SD1.x 512. Training images are made at this size unless the user gives one."""
+    """The side the model was trained at: what its sampling hint says, else SDXL 1024; SD2.x 768 for its
+    v-prediction models (768-v) and 512 for the eps base; SD1.x 512. Training images are made at this size unless
+    the user gives one."""
+    hint = (getattr(model, "model_options", None) or {}).get(SAMPLING_HINT) or {}
+    if hint.get("image_size"):
+        return int(hint["image_size"])
     family = model_family(model)
     ctx = model.model.model_config.unet_config.get("context_dim") or 768
     if family.startswith("SDXL") or family in ("SSD1B", "Segmind_Vega", "KOALA_700M", "KOALA_1B") or ctx >= 2048:

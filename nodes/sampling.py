@@ -14,10 +14,6 @@ from comfy_api.latest import io
 from ..mace_core.errors import MaceInputError
 from . import attention, host
 
-# The model_options entry by which a model says how it is meant to be sampled (the concept world sets it: 64 px);
-# models without it get their family's usual size.
-HINT = "mace_sampling_hint"
-
 DEFAULT_CFG = 7.0
 
 
@@ -39,8 +35,7 @@ def sampler_inputs(size_tooltip_extra: str = "") -> list:
 
 
 def native_size(model) -> int:
-    hint = getattr(model, "model_options", {}).get(HINT) or {}
-    return int(hint.get("image_size") or attention.default_image_size(model))
+    return attention.default_image_size(model)
 
 
 def picture_size(model, image_size: int, input_name: str = "image_size") -> int:

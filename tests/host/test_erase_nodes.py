@@ -30,7 +30,7 @@ def small(tiny, m):
     model, clip = tiny
     with torch.inference_mode():
         hinted = model.clone()
-        hinted.model_options[m.sampling.HINT] = {"image_size": 64}
+        hinted.model_options[m.host.SAMPLING_HINT] = {"image_size": 64}
         vae = finite_vae()
     return hinted, clip, vae
 

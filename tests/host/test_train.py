@@ -240,6 +240,21 @@ def test_cancel_mid_run_raises_comfy_interrupt_and_changes_nothing(mods, tiny, m
     assert_untouched(model, *before)
 
 
+def test_image_size_zero_follows_the_models_sampling_hint(mods, tiny, monkeypatch):
+    """image_size 0 makes training images at the model's own size: the hint a model carries (the concept world says
+    64 px) over its family's (SD1.5's 512, 64x the pixels and off what the world learned)."""
+    model, clip = tiny
+    real, latents = mods.att.generate_latents, []
+    monkeypatch.setattr(mods.att, "generate_latents", lambda *a, **k: latents.append(real(*a, **k)) or latents[-1])
+    with torch.inference_mode():
+        hinted = model.clone()
+        hinted.model_options[mods.host.SAMPLING_HINT] = {"image_size": 64}
+        assert mods.host.default_image_size(model) == 512 and mods.host.default_image_size(hinted) == 64
+        mods.train.train_concept_loras(hinted, clip, "Claude Monet", "style", steps=1, images_per_concept=1,
+                                       settings="custom")
+    assert [tuple(lat.shape[-2:]) for lat in latents] == [(8, 8)], "64 px images: 8x8 latents"
+
+
 def test_progress_covers_image_generation_masks_and_training(mods, tiny):
     """The bar moves while the training images are sampled (each sampler step), after each concept's masks and at
     every training step, and ends exactly full: a user sees the long phases move, not a bar stuck at zero."""
