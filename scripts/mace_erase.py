@@ -121,6 +121,7 @@ def main(argv=None):
         train_steps=args.steps or defaults["steps"],
         prefix=args.name,
         learning_rate=args.learning_rate or defaults.get("learning_rate", 1e-4),
+        cfg=defaults.get("cfg", 7.0),
     ).api()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -32,13 +32,13 @@ def _loader(g: Graph, ckpt: str | None, world_seed: int = 0):
     return node[0], node[1], node[2]
 
 
-def _before_after(g: Graph, clip, vae, before, after, prompt, seed, size, steps, prefix):
+def _before_after(g: Graph, clip, vae, before, after, prompt, seed, size, steps, prefix, cfg=7.0):
     """Sample the same prompt and seed with the original and the erased model, and save both."""
     pos = g.add("CLIPTextEncode", title="Prompt to compare", text=prompt, clip=clip)
     neg = g.add("CLIPTextEncode", title="Negative", text="", clip=clip)
     latent = g.add("EmptyLatentImage", width=size, height=size, batch_size=1)
     for model, tag in ((before, "before"), (after, "after")):
-        ks = g.add("KSampler", title=f"Sample {tag}", model=model, seed=seed, steps=steps, cfg=7.0,
+        ks = g.add("KSampler", title=f"Sample {tag}", model=model, seed=seed, steps=steps, cfg=cfg,
                    sampler_name="euler", scheduler="normal", positive=pos[0], negative=neg[0],
                    latent_image=latent[0], denoise=1.0)
         img = g.add("VAEDecode", samples=ks[0], vae=vae)
@@ -87,7 +87,7 @@ def train_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
 
 def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style", preserve="", prompt=None, seed=42,
                 size=512, steps=20, train_steps=50, learning_rate=1e-4, image_size=0, prefix="mace_erasure",
-                world_seed=0, images=8) -> Graph:
+                world_seed=0, images=8, cfg=7.0) -> Graph:
     """The whole MACE pipeline: refine, one LoRA per concept, closed-form fusion, before/after, save the erasure."""
     g = Graph()
     model, clip, vae = _loader(g, ckpt, world_seed)
@@ -100,7 +100,7 @@ def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
     fused = g.add("MACEFuseLoRAs", model=refined[0], clip=clip, loras=train[0], preserve=preserve,
                   preservation_strength=1.0, lambda_=0.01, keep_target="input model")
     _before_after(g, clip, vae, model, fused[0], prompt or _prompt(concepts, concept_type), seed, size, steps,
-                  prefix)
+                  prefix, cfg)
     g.add("MACESaveErasure", model=fused[0], filename_prefix=prefix, mode="full", rank=64, loras=train[0])
     return g
 
@@ -113,15 +113,18 @@ def _prompt(concepts: str, concept_type: str) -> str:
 
 # The concept world (MACEConceptWorld): 64x64 images, a model that really learned its concepts; what mace-erase
 # uses when no checkpoint is given.
+# cfg 3: the guidance the world is made for (concept_world.world.SamplerSettings); at 7 it oversaturates, and the
+# quick start's "after" picture showed another figure instead of the anchor's
 WORLD_DEFAULT = {"concepts": "Tomas Lindqvist", "concept_type": "celebrity", "preserve": "", "size": 64,
-                 "sample_steps": 20, "steps": 50, "learning_rate": 1e-4}
+                 "sample_steps": 20, "steps": 50, "learning_rate": 1e-4, "cfg": 3.0}
 
 
 def world_graph() -> Graph:
     w = WORLD_DEFAULT
     return erase_graph(ckpt=None, concepts=w["concepts"], concept_type=w["concept_type"], preserve=w["preserve"],
                        size=w["size"], steps=w["sample_steps"], train_steps=w["steps"],
-                       learning_rate=w["learning_rate"], image_size=w["size"], prefix="mace_world_erasure")
+                       learning_rate=w["learning_rate"], image_size=w["size"], prefix="mace_world_erasure",
+                       cfg=w["cfg"])
 
 
 WORKFLOWS = {"refine_cross_attention": refine_graph, "train_concept_lora": train_graph, "mace_erase": erase_graph,
