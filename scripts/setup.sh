@@ -78,7 +78,8 @@ if [ -f "$host/$marker" ]; then
   reqs="$(mktemp)"
   # spandrel declares torchvision, which would pull another torch: its other requirements are ComfyUI's own.
   grep -vE '^\s*(torch|torchvision|torchaudio|spandrel)\s*$' "$host/requirements.txt" >"$reqs"
-  pip_install -r "$reqs" -r "$here/requirements.txt" -r "$here/scripts/requirements-dev.txt"
+  # requests: ComfyUI 0.3.64's server imports it (app/frontend_management.py) but its requirements.txt omits it
+  pip_install -r "$reqs" -r "$here/requirements.txt" -r "$here/scripts/requirements-dev.txt" requests
   pip_install --no-deps spandrel
   rm -f "$reqs"
 fi
