@@ -90,9 +90,10 @@ def stage_list(concept_list, node: str, concepts=None, concept_type="celebrity",
     if not isinstance(getattr(concept_list, "concepts", None), tuple):
         raise MaceInputError("concept_list", "is not a MACE concept list.", "Connect the output of MACE Concept List.")
     concept_list.check_stage(node, concepts=concepts, anchor=anchor, concept_file=concept_file, preserve=preserve)
-    log.info("MACE %s: %d concepts and %d to keep from the connected concept_list (type %s%s)", node,
-             len(concept_list.concepts), len(concept_list.keep), concept_list.family,
-             f", corpus '{concept_list.corpus_name}'" if concept_list.corpus_name else "")
+    if concept_list.source:  # a list from the Concept List node (MACE Erase passes its own typed one on too)
+        log.info("MACE %s: %d concepts and %d to keep from the connected concept_list (type %s%s)", node,
+                 len(concept_list.concepts), len(concept_list.keep), concept_list.family,
+                 f", corpus '{concept_list.corpus_name}'" if concept_list.corpus_name else "")
     return concept_list
 
 

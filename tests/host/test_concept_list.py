@@ -351,3 +351,38 @@ def test_a_wrong_object_on_the_list_input_names_it(pack, mods, tiny):
     with pytest.raises(mods.errors.MaceInputError) as e:
         refine(pack, model, clip, concept_list="Claude Monet")
     assert e.value.input_name == "concept_list"
+
+
+def test_load_loras_takes_type_and_anchor_from_the_list_for_a_foreign_file(pack, mods, tiny, loras_dir):
+    """A LoRA trained elsewhere records no type or anchor: the list's entry for its concept gives them, so Fuse reads
+    it with the same templates as the other stages."""
+    from safetensors.torch import save_file
+
+    model, _ = tiny
+    keys = mods.host.cross_attention_keys(model)
+    w0 = mods.host.original_weights(model, keys)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, w in w0.items():
+        stem = k[: -len(".weight")]
+        sd[f"{stem}.lora_up.weight"] = torch.randn(w.shape[0], 1, generator=g)
+        sd[f"{stem}.lora_down.weight"] = torch.randn(1, w.shape[1], generator=g)
+    save_file(sd, str(loras_dir / "foreign.safetensors"))
+    cl = make(pack, "Claude Monet | style\nTom Hanks", "celebrity", "", "")
+    load = pack["MACELoadLoRAs"]
+    (lora,) = load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "", True, cl).result[0].loras
+    assert (lora.concept, lora.anchor, lora.family) == ("Claude Monet", "art", "style")
+    (plain,) = load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "", True).result[0].loras
+    assert (plain.anchor, plain.family) == ("a person", "celebrity"), "without the list: the node's own type"
+    with pytest.raises(mods.errors.MaceInputError) as e:
+        load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "a painter", True, cl)
+    assert e.value.input_name == "anchor"
+
+
+def test_the_log_says_the_list_was_used(pack, tiny, caplog):
+    import logging
+
+    model, clip = tiny
+    with caplog.at_level(logging.INFO, logger="MACE"):
+        refine(pack, model, clip, concept_type="object", concept_list=make(pack))
+    assert "MACE Refine: 2 concepts and 2 to keep from the connected concept_list (type style)" in caplog.text
