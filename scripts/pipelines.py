@@ -128,7 +128,8 @@ def one_node_graph(concepts="Tomas Lindqvist", concept_type="celebrity", preserv
                  steps=20, cfg=WORLD_DEFAULT["cfg"], sampler_name="euler", scheduler="normal", image_size=0,
                  negative="", concept_list=listed[0])
     g.add("SaveImage", title="Erasure check", images=grid[0], filename_prefix="mace_world_check")
-    g.add("MACESaveErasure", model=erased[0], filename_prefix="mace_world_one_node", mode="full", rank=64)
+    g.add("MACESaveErasure", model=erased[0], filename_prefix="mace_world_one_node", mode="full", rank=64,
+          concept_list=listed[0])
     return g
 
 
