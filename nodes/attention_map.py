@@ -46,7 +46,9 @@ class MACEAttentionMap(io.ComfyNode):
                 io.Boolean.Input("show_mask", default=True,
                                  tooltip="Add a column with the region training would use for the concept (derived "
                                          "from the original model's attention; the whole picture for styles)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                # stated, not left to the frontend: it adds a control widget to any 'seed' anyway, and the workflow
+                # generator must know it is there (else saved widget values shift by one after the seed)
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the generated pictures and of the noise the maps are measured at."),
                 *sampling.sampler_inputs(" Ignored when latents are given."),
                 io.Latent.Input("latents", optional=True,

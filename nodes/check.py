@@ -53,7 +53,9 @@ class MACEErasureCheck(io.ComfyNode):
                 io.String.Input("preserve", multiline=True, default="",
                                 tooltip="Concepts that should stay, one per line, optionally typed ('name | style'), "
                                         "as in the erasure's preserve box: each gets a row."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                # stated, not left to the frontend: it adds a control widget to any 'seed' anyway, and the workflow
+                # generator must know it is there (else saved widget values shift by one after the seed)
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="First seed; the columns use seed, seed + 1, ... on both models alike."),
                 io.Int.Input("images_per_prompt", default=2, min=1, max=MAX_PER_PROMPT,
                              tooltip="Seeds (columns) per model."),

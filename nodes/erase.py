@@ -42,7 +42,9 @@ class MACEErase(io.ComfyNode):
                                        "per concept, the strongest erasure. quick: refinement only, seconds; it "
                                        "already removes most of a concept."),
                 *refine.preserve_inputs("the original", "edit"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                # stated, not left to the frontend: it adds a control widget to any 'seed' anyway, and the workflow
+                # generator must know it is there (else saved widget values shift by one after the seed)
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="full mode: seeds the training images, the LoRAs' start and every training "
                                      "step; the same seed gives the same erased model. Not used by quick mode."),
                 refine.concept_file_input(),
