@@ -11,6 +11,8 @@ so one list can mix celebrities, styles, objects and explicit terms. Blank lines
 runs of whitespace inside a name become one space, type words are matched case-insensitively. Anything else that is
 not a concept (a type without a name, two '=>', an unknown type, a name twice) is an error naming its line.
 Templates are written for this project; each family has about thirty, so the edit sees the concept in many contexts.
+A concept's own prompts and nicknames come from lines `concept: item; item` (parse_prompts); ConceptList is what the
+MACE Concept List node hands every stage, so the list is typed once.
 """
 
 import logging

@@ -386,3 +386,15 @@ def test_the_log_says_the_list_was_used(pack, tiny, caplog):
     with caplog.at_level(logging.INFO, logger="MACE"):
         refine(pack, model, clip, concept_type="object", concept_list=make(pack))
     assert "MACE Refine: 2 concepts and 2 to keep from the connected concept_list (type style)" in caplog.text
+
+
+def test_thousands_of_captions_are_read_and_an_oversized_file_is_refused(pack, mods, pack_module, input_dir):
+    files = mod(pack_module, "mace_core.concept_files")
+    (input_dir / "many.txt").write_text("".join(f"a photo of house number {i}\n" for i in range(5000)))
+    cl = make(pack, "Claude Monet", corpus_file="many.txt")
+    assert len(cl.corpus) == 5000 and cl.corpus[-1] == "a photo of house number 4999" and cl.corpus_name == "many.txt"
+    with open(input_dir / "huge.txt", "wb") as f:
+        f.truncate(files.MAX_BYTES + 1)
+    with pytest.raises(mods.errors.MaceInputError) as e:
+        make(pack, "Claude Monet", corpus_file="huge.txt")
+    assert e.value.input_name == "corpus_file" and "MiB" in str(e.value)
