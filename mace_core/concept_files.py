@@ -41,13 +41,16 @@ COLUMNS = ("concept", "anchor", "type")
 TEXT_EXT = (".txt",)
 TABLE_EXT = (".csv", ".tsv")
 MAX_BYTES = 16 * 2**20  # a 100k-concept list is about 3 MiB
+CORPUS_INPUT = "corpus_file"
+CORPUS_EXT = (".txt",)
+MAX_CAPTIONS = 100_000  # each caption is one CLIP pass when the prior is first computed (then cached)
 
 
 # ---------------------------------------------------------------- finding and reading the file
 
-def resolve(root: str, relative: str, input_name: str = INPUT) -> str:
+def resolve(root: str, relative: str, input_name: str = INPUT, exts: tuple = TEXT_EXT + TABLE_EXT) -> str:
     """root/relative for a file name typed into a node: inside root (no absolute path, no '..'), an existing file
-    with a supported extension."""
+    with a supported extension (a concept list's by default)."""
     name = (relative or "").strip()
     path = os.path.normpath(os.path.join(root, name))
     outside = os.path.isabs(name) or os.path.commonpath([os.path.abspath(root), os.path.abspath(path)]) != \
@@ -55,20 +58,22 @@ def resolve(root: str, relative: str, input_name: str = INPUT) -> str:
     if outside:
         raise MaceInputError(input_name, f"'{name}' points outside ComfyUI's input folder.",
                              "Put the file in the input folder and give its name relative to it, e.g. 'celebs.csv'.")
-    if not path.lower().endswith(TEXT_EXT + TABLE_EXT):
+    if exts == CORPUS_EXT and not path.lower().endswith(exts):
+        raise MaceInputError(input_name, f"'{name}' is not a .txt file.", "Give the captions as text, one a line.")
+    if not path.lower().endswith(exts):
         raise MaceInputError(input_name, f"'{name}' is not a .txt, .csv or .tsv file.",
                              "Give a concept list as text (one concept a line) or as a table with a "
                              "'concept,anchor,type' header.")
     if not os.path.isfile(path):
-        have = _candidates(root)
+        have = _candidates(root, exts)
         fix = f"Files there: {', '.join(have)}." if have else "The input folder holds no .txt or .csv files."
         raise MaceInputError(input_name, f"no file '{name}' in ComfyUI's input folder ({root}).", fix)
     return path
 
 
-def _candidates(root: str, limit: int = 10) -> list[str]:
+def _candidates(root: str, exts: tuple = TEXT_EXT + TABLE_EXT, limit: int = 10) -> list[str]:
     try:
-        found = sorted(f for f in os.listdir(root) if f.lower().endswith(TEXT_EXT + TABLE_EXT))
+        found = sorted(f for f in os.listdir(root) if f.lower().endswith(exts))
     except OSError:
         return []
     return found[:limit] + (["..."] if len(found) > limit else [])
@@ -91,12 +96,12 @@ def read_text(path: str, name: str = "", input_name: str = INPUT) -> str:
                              "Save the file as UTF-8 (most editors and spreadsheet programs offer it).") from e
 
 
-def fingerprint(root: str, relative: str) -> str:
+def fingerprint(root: str, relative: str, exts: tuple = TEXT_EXT + TABLE_EXT) -> str:
     """Changes whenever the named file's content does (for the nodes' cache check); '' for no file."""
     if not (relative or "").strip():
         return ""
     try:
-        path = resolve(root, relative)
+        path = resolve(root, relative, exts=exts)
         with open(path, "rb") as f:
             return hashlib.sha256(f.read(MAX_BYTES + 1)).hexdigest()
     except (MaceInputError, OSError):
@@ -231,3 +236,21 @@ def load_concepts(box_text: str, family: str, anchor: str, root: str, concept_fi
     path = resolve(root, concept_file, input_name)
     name = concept_file.strip()
     return concept_list(box_text, family, anchor, read_text(path, name, input_name), name, file_input=input_name)
+
+
+# ---------------------------------------------------------------- a caption corpus for the preservation prior
+
+def read_corpus(root: str, relative: str, input_name: str = CORPUS_INPUT) -> list[str]:
+    """Captions from a .txt file in root, one per line (blank and # lines skipped), each normalised as names are;
+    the same path and size rules as a concept list. An empty corpus is an error: a prior of nothing keeps nothing."""
+    path = resolve(root, relative, input_name, CORPUS_EXT)
+    name = relative.strip()
+    captions = [" ".join(ln.split()) for ln in read_text(path, name, input_name).splitlines()
+                if ln.strip() and not ln.lstrip().startswith("#")]
+    if not captions:
+        raise MaceInputError(input_name, f"'{name}' holds no captions.",
+                             "Write one caption per line (e.g. 'a dog running on a beach').")
+    if len(captions) > MAX_CAPTIONS:
+        raise MaceInputError(input_name, f"'{name}' holds {len(captions)} captions; at most {MAX_CAPTIONS} are read.",
+                             "Take a sample of the captions.")
+    return captions

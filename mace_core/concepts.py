@@ -11,9 +11,12 @@ so one list can mix celebrities, styles, objects and explicit terms. Blank lines
 runs of whitespace inside a name become one space, type words are matched case-insensitively. Anything else that is
 not a concept (a type without a name, two '=>', an unknown type, a name twice) is an error naming its line.
 Templates are written for this project; each family has about thirty, so the edit sees the concept in many contexts.
+A concept's own prompts and nicknames come from lines `concept: item; item` (parse_prompts); ConceptList is what the
+MACE Concept List node hands every stage, so the list is typed once.
 """
 
 import logging
+import re
 import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -115,13 +118,29 @@ TYPE_SEP = "|"
 
 @dataclass(frozen=True)
 class Concept:
+    """One concept to erase. extra: the user's own prompt templates ('{}' = the name), used beside the type's;
+    aliases: other names (nicknames) erased with it onto the same anchor, in the same templates (parse_prompts)."""
     name: str
     anchor: str
     family: str
+    extra: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    def templates(self) -> list[str]:
+        return list(TEMPLATES[self.family]) + list(self.extra)
+
+    def words(self) -> tuple[str, ...]:
+        return (self.name,) + self.aliases
 
     def prompts(self, anchor: bool = False) -> list[str]:
-        word = self.anchor if anchor else self.name
-        return [t.format(word) for t in TEMPLATES[self.family]]
+        """Every template filled with the name, then with each alias; anchor=True: the same list with the anchor in
+        every place, so the i-th prompts of the two lists pair up (refinement aligns them token by token)."""
+        return [t.format(self.anchor if anchor else w) for w in self.words() for t in self.templates()]
+
+    def variants(self) -> list["Concept"]:
+        """The name and each alias as a concept of its own (same anchor, type and templates): what training locates
+        in its prompts."""
+        return [Concept(w, self.anchor, self.family, self.extra) for w in self.words()]
 
 
 def check_family(family: str, input_name: str = "concept_type") -> str:
@@ -307,3 +326,109 @@ def parse_kept(text: str, input_name: str = "preserve") -> list[Kept]:
         _check_name(name, input_name, line_no)
         out.append(Kept(name, family or None))
     return out
+
+
+# ---------------------------------------------------------------- your own prompts and nicknames
+
+PROMPT_SEP = ":"
+ITEM_SEP = ";"
+
+
+def _as_template(item: str, names: list[str]) -> str | None:
+    """An own prompt as a template ('{}' where the concept's name stands), or None when it names the concept nowhere
+    (then it is a nickname). Braces other than '{}' are kept as text."""
+    pattern = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    if "{}" not in item and not re.search(rf"(?<!\w)(?:{pattern})(?!\w)", item, flags=re.IGNORECASE):
+        return None
+    parts = re.split(rf"\{{\}}|(?<!\w)(?:{pattern})(?!\w)", item, flags=re.IGNORECASE)
+    return "{}".join(p.replace("{", "{{").replace("}", "}}") for p in parts)
+
+
+def parse_prompts(text: str, concepts: list[Concept], input_name: str = "prompts") -> list[Concept]:
+    """The concepts with the user's own prompts and nicknames from lines `concept: item; item; ...`:
+
+        Claude Monet: water lilies at dawn by Claude Monet; {} painting a garden   two own prompts ('{}' = the name)
+        Claude Monet: the painter of Giverny                                      a nickname
+
+    An item that contains the concept's name (or '{}') is a prompt: it joins the type's templates, with the name, each
+    nickname and the anchor in that place. Any other item is a nickname: another name for the concept, erased with it
+    onto the same anchor in every template. A concept may have several lines; blank and # lines are skipped."""
+    from .errors import MaceInputError
+
+    by_name = {c.name.lower(): c for c in concepts}
+    taken = {c.name.lower(): where_line(0) for c in concepts}  # every name in use, concepts and nicknames alike
+    extra: dict[str, list[str]] = {k: [] for k in by_name}
+    aliases: dict[str, list[str]] = {k: [] for k in by_name}
+    for line_no, raw in enumerate((text or "").splitlines(), 1):
+        line, where = raw.strip(), where_line(line_no)
+        if not line or line.startswith("#"):
+            continue
+        if PROMPT_SEP not in line:
+            raise MaceInputError(input_name, f"{where} ('{normalize(line)}') has no '{PROMPT_SEP}'.",
+                                 "Write 'concept: a prompt with the concept in it; a nickname'.")
+        name, _, rest = line.partition(PROMPT_SEP)
+        key = normalize(name).lower()
+        if key not in by_name:
+            known = ", ".join(c.name for c in concepts[:5]) + (", ..." if len(concepts) > 5 else "")
+            raise MaceInputError(input_name, f"{where}: '{normalize(name)}' is not one of the concepts ({known}).",
+                                 "Start the line with a concept's name exactly as listed, then ':'.")
+        c = by_name[key]
+        items = [normalize(i) for i in rest.split(ITEM_SEP) if normalize(i)]
+        if not items:
+            raise MaceInputError(input_name, f"{where} names '{c.name}' but gives no prompt or nickname after "
+                                             f"'{PROMPT_SEP}'.", f"Separate several with '{ITEM_SEP}'.")
+        for item in items:
+            template = _as_template(item, [c.name])
+            if template is not None:
+                extra[key].append(template)
+                continue
+            _check_name(item, input_name, where)
+            if item.lower() == c.anchor.lower():
+                raise MaceInputError(input_name, f"{where}: nickname '{item}' is the anchor of '{c.name}'.",
+                                     "A nickname is another name of the concept, not what it turns into.")
+            if item.lower() in taken:
+                raise MaceInputError(input_name, f"{where}: '{item}' is already a concept or a nickname.",
+                                     "Give each name once.")
+            taken[item.lower()] = where
+            aliases[key].append(item)
+    return [Concept(c.name, c.anchor, c.family, c.extra + tuple(dict.fromkeys(extra[k])), c.aliases + tuple(aliases[k]))
+            for k, c in ((c.name.lower(), c) for c in concepts)]
+
+
+# ---------------------------------------------------------------- the list every stage reads
+
+def _lines(text: str) -> list[str]:
+    """A box's meaningful lines, normalised: what two boxes must share to say the same."""
+    return [normalize(ln) for ln in (text or "").splitlines() if normalize(ln) and not ln.strip().startswith("#")]
+
+
+@dataclass(frozen=True)
+class ConceptList:
+    """What MACE Concept List hands every stage: the concepts (box, then file, with own prompts and nicknames), the
+    concepts to keep, the caption corpus for the preservation prior, and the text they were read from (to tell a
+    stage's own box that says the same from one that disagrees)."""
+    concepts: tuple[Concept, ...]
+    keep: tuple[Kept, ...] = ()
+    corpus: tuple[str, ...] = ()
+    corpus_name: str = ""
+    family: str = "celebrity"
+    anchor: str = ""
+    source: tuple[tuple[str, str], ...] = ()  # (input name, text) of concepts, anchor, preserve, concept_file
+
+    def by_name(self) -> dict[str, Concept]:
+        return {c.name.lower(): c for c in self.concepts}
+
+    def check_stage(self, node: str, **typed):
+        """A stage's own concept inputs (name -> text; None = the node has no such input) must be blank or say what
+        the connected list says; otherwise it is an error naming the input, so two copies never silently disagree."""
+        from .errors import MaceInputError
+
+        mine = dict(self.source)
+        for name, text in typed.items():
+            if text is None or not _lines(text):
+                continue
+            if _lines(text) != _lines(mine.get(name, "")):
+                raise MaceInputError(
+                    name, f"{node} has a concept list connected (input 'concept_list') and its own '{name}' says "
+                          "something else.", f"Clear '{name}' on {node}: the connected MACE Concept List supplies it "
+                                             "(or disconnect concept_list to use the text inputs).")

@@ -60,7 +60,12 @@ class SpdSolver:
         return rhs @ self.pinv
 
 
-def concept_of(lora: ConceptLoRA) -> Concept:
+def concept_of(lora: ConceptLoRA, known: dict[str, Concept] | None = None) -> Concept:
+    """The LoRA's concept; from `known` (name -> Concept, e.g. a concept list) when it lists the same concept with the
+    same anchor and type, so the user's own prompts and nicknames weigh in fusion too."""
+    c = (known or {}).get(lora.concept.lower())
+    if c is not None and (c.anchor, c.family) == (lora.anchor, lora.family):
+        return c
     return Concept(lora.concept, lora.anchor, lora.family)
 
 
@@ -107,6 +112,7 @@ def fuse(
     progress: Callable[[], None] | None = None,
     keep_target: str = "input",
     out_dtype: torch.dtype = torch.float32,
+    concepts: dict[str, Concept] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Delta W* - W' (in out_dtype, on `device`) for every key of `current` that changes.
 
@@ -117,13 +123,14 @@ def fuse(
     mean eigenvalue of the concept statistics.
     keep_target: what generic prompts and kept concepts are held to, "original" (W0, the paper's choice) or "input"
     (W', so what refinement did beyond the fused concepts' own prompts, e.g. to their synonyms, stays).
+    concepts: name (lower case) -> Concept whose own prompts and nicknames join the LoRA's templates (concept_of).
     """
     if keep_target not in KEEP_TARGETS:
         raise MaceInputError("keep_target", f"must be one of {', '.join(KEEP_TARGETS)}, got '{keep_target}'.")
     loras = list(loras)
     shapes = getattr(current, "shapes", None) or {k: tuple(w.shape) for k, w in current.items()}
     check_loras(loras, shapes)
-    check_concepts([concept_of(lora) for lora in loras], enc, "loras")
+    check_concepts([concept_of(lora, concepts) for lora in loras], enc, "loras")
     if device is None:
         device = next(iter(current.values())).device
     out_device, device = torch.device(device), acc_device(device)  # float64 work where float64 exists
@@ -144,7 +151,7 @@ def fuse(
     ups: dict[str, list[tuple[torch.Tensor, float]]] = {k: [] for k in ranks}  # the LoRAs' own up tensors
     filled = dict.fromkeys(ranks, 0)
     for lora in loras:
-        _, feats = enc.encode(concept_of(lora).prompts())
+        _, feats = enc.encode(concept_of(lora, concepts).prompts())
         x = to_acc(feats.reshape(-1, d), device)
         g = x.T @ x
         gram += g

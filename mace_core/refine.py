@@ -20,9 +20,10 @@ def edit_moments(concepts: list[Concept], enc: TextEncoder, progress: Callable[[
     Concepts are visited grouped by (anchor, type), so each anchor's prompts are encoded once and only one anchor's
     features are held at a time, however many distinct anchors a long list has (the sums do not depend on order)."""
     m = None
-    groups: dict[tuple[str, str], list[Concept]] = {}
+    groups: dict[tuple, list[Concept]] = {}
     for c in concepts:
-        groups.setdefault((c.anchor, c.family), []).append(c)
+        # concepts with own prompts or nicknames have their own anchor prompt list (prompts pair by position)
+        groups.setdefault((c.anchor, c.family, c.extra, len(c.aliases)), []).append(c)
     for members in groups.values():
         ids_new, e_new = enc.encode(members[0].prompts(anchor=True))
         if m is None:  # accumulate where the encoder computes (a GPU's float64 products, not a copy to the CPU)

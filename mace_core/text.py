@@ -25,21 +25,25 @@ class TextEncoder(Protocol):
 
 
 def check_concepts(concepts: list[Concept], enc: TextEncoder, input_name: str = "concepts"):
-    """Every concept and anchor must tokenize to something and every templated prompt must fit one window."""
+    """Every concept, nickname and anchor must tokenize to something and every templated prompt (the type's and the
+    user's own) must fit one window."""
     room = enc.context_length - 2
     longest_template = {f: max(enc.token_count(t.format("")) for t in ts) for f, ts in TEMPLATES.items()}
     checked = set()
     for c in concepts:
-        for word, what in ((c.name, "concept"), (c.anchor, "anchor")):
-            if (word, c.family) in checked:
+        longest = longest_template[c.family]
+        if c.extra:
+            longest = max([longest] + [enc.token_count(t.format("")) for t in c.extra])
+        for word, what in [(w, "concept") for w in c.words()] + [(c.anchor, "anchor")]:
+            if (word, c.family, c.extra) in checked:
                 continue
-            checked.add((word, c.family))
+            checked.add((word, c.family, c.extra))
             n = enc.token_count(word)
             if n == 0:
                 raise MaceInputError(input_name if what == "concept" else "anchor",
                                      f"{what} '{word}' tokenizes to nothing.", "Use a name made of words.")
-            if n + longest_template[c.family] > room:
+            if n + longest > room:
                 raise MaceInputError(input_name if what == "concept" else "anchor",
                                      f"{what} '{word[:40]}' is {n} tokens; with its prompt templates it exceeds the "
                                      f"{room}-token context.",
-                                     f"Shorten it to at most {room - longest_template[c.family]} tokens.")
+                                     f"Shorten it (or its own prompts) to at most {room - longest} tokens.")

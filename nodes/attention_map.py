@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..mace_core.attention_loss import resize_mask
 from ..mace_core.errors import MaceInputError
 from . import attention, host, picture, refine, sampling
+from .inputs import concept_list_input, stage_list
 from .train import mask_mode
 
 log = logging.getLogger("MACE")
@@ -45,13 +46,16 @@ class MACEAttentionMap(io.ComfyNode):
                 io.Boolean.Input("show_mask", default=True,
                                  tooltip="Add a column with the region training would use for the concept (derived "
                                          "from the original model's attention; the whole picture for styles)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                # stated, not left to the frontend: it adds a control widget to any 'seed' anyway, and the workflow
+                # generator must know it is there (else saved widget values shift by one after the seed)
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the generated pictures and of the noise the maps are measured at."),
                 *sampling.sampler_inputs(" Ignored when latents are given."),
                 io.Latent.Input("latents", optional=True,
                                 tooltip="Optional pictures to measure on, as latents: one per concept in list order, "
                                         "or one for all. Default: one picture per concept by the original model."),
                 refine.concept_file_input(),
+                concept_list_input(),
             ],
             outputs=[
                 io.Image.Output("image", display_name="image",
@@ -67,9 +71,9 @@ class MACEAttentionMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, erased_model, clip, vae, concepts, concept_type, anchor, tokens, show_mask, seed, steps,
-                cfg, sampler_name, scheduler, image_size, latents=None, concept_file=""):
+                cfg, sampler_name, scheduler, image_size, latents=None, concept_file="", concept_list=None):
         r = attention_map(model, erased_model, clip, vae, concepts, concept_type, anchor, tokens, show_mask, seed,
-                          steps, cfg, sampler_name, scheduler, image_size, latents, concept_file or "")
+                          steps, cfg, sampler_name, scheduler, image_size, latents, concept_file or "", concept_list)
         return io.NodeOutput(r.image, r.masks)
 
 
@@ -112,10 +116,10 @@ def _measure(model, prompt, lat, mask, hw, seed):
 
 def attention_map(model, erased_model, clip, vae, concepts, concept_type="celebrity", anchor="", tokens=WORDS,
                   show_mask=True, seed=0, steps=20, cfg=sampling.DEFAULT_CFG, sampler_name="euler", scheduler="normal",
-                  image_size=0, latents=None, concept_file="") -> MapResult:
+                  image_size=0, latents=None, concept_file="", concept_list=None) -> MapResult:
     if tokens not in TOKENS:
         raise MaceInputError("tokens", f"unknown value '{tokens}'.", f"Use one of: {', '.join(TOKENS)}.")
-    items = refine.read_concepts(concepts, concept_type, anchor, concept_file)
+    items = list(stage_list(concept_list, "MACE Attention Map", concepts, concept_type, anchor, concept_file).concepts)
     host.cross_attention_keys(model, clip)
     host.cross_attention_keys(erased_model, clip)
     enc = host.clip_encoder(clip)

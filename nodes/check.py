@@ -11,6 +11,7 @@ from ..mace_core.concepts import Concept, parse_kept
 from ..mace_core.errors import MaceInputError
 from . import attention, host, picture, refine, sampling
 from .fuse import erased_concepts
+from .inputs import concept_list_input, stage_list
 
 log = logging.getLogger("MACE")
 
@@ -52,13 +53,16 @@ class MACEErasureCheck(io.ComfyNode):
                 io.String.Input("preserve", multiline=True, default="",
                                 tooltip="Concepts that should stay, one per line, optionally typed ('name | style'), "
                                         "as in the erasure's preserve box: each gets a row."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                # stated, not left to the frontend: it adds a control widget to any 'seed' anyway, and the workflow
+                # generator must know it is there (else saved widget values shift by one after the seed)
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="First seed; the columns use seed, seed + 1, ... on both models alike."),
                 io.Int.Input("images_per_prompt", default=2, min=1, max=MAX_PER_PROMPT,
                              tooltip="Seeds (columns) per model."),
                 *sampling.sampler_inputs(),
                 io.String.Input("negative", default="", tooltip="Negative prompt of every picture."),
                 refine.concept_file_input(),
+                concept_list_input(),
             ],
             outputs=[io.Image.Output(tooltip="The labelled grid: rows are prompts, columns 'before' and 'after' per "
                                              "seed.")],
@@ -70,10 +74,11 @@ class MACEErasureCheck(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, erased_model, clip, vae, concepts, concept_type, anchor, other_prompts, preserve, seed,
-                images_per_prompt, steps, cfg, sampler_name, scheduler, image_size, negative, concept_file=""):
+                images_per_prompt, steps, cfg, sampler_name, scheduler, image_size, negative, concept_file="",
+                concept_list=None):
         result = erasure_check(model, erased_model, clip, vae, concepts, concept_type, anchor, other_prompts,
                                preserve, seed, images_per_prompt, steps, cfg, sampler_name, scheduler, image_size,
-                               negative, concept_file or "")
+                               negative, concept_file or "", concept_list)
         return io.NodeOutput(result.image)
 
 
@@ -99,11 +104,14 @@ def erased_list(erased_model, concepts, concept_type, anchor, concept_file) -> l
     return [Concept(r["concept"], r.get("anchor", ""), r.get("family") or concept_type) for r in recorded]
 
 
-def check_rows(items: list[Concept], other_prompts: str, preserve: str, concept_type: str) -> list[Row]:
+def check_rows(items: list[Concept], other_prompts: str, preserve, concept_type: str) -> list[Row]:
+    """preserve: the box's text, or the Kept list of a concept list. A concept's nicknames get 'other' rows: they
+    were erased with it, so they should change too."""
     rows = [Row("erased", attention.data_template(c).format(c.name), True) for c in items]
+    rows += [Row("other", attention.data_template(c).format(a), True) for c in items for a in c.aliases]
     rows += [Row("other", " ".join(line.split()), False) for line in (other_prompts or "").splitlines()
              if line.strip() and not line.strip().startswith("#")]
-    for k in parse_kept(preserve):
+    for k in (parse_kept(preserve) if isinstance(preserve, str) or preserve is None else preserve):
         family = k.family or (items[0].family if items else concept_type)
         rows.append(Row("kept", attention.data_template(Concept(k.name, "", family)).format(k.name), True))
     return rows
@@ -111,12 +119,16 @@ def check_rows(items: list[Concept], other_prompts: str, preserve: str, concept_
 
 def erasure_check(model, erased_model, clip, vae, concepts, concept_type="celebrity", anchor="", other_prompts="",
                   preserve="", seed=0, images_per_prompt=2, steps=20, cfg=sampling.DEFAULT_CFG, sampler_name="euler",
-                  scheduler="normal", image_size=0, negative="", concept_file="") -> CheckResult:
+                  scheduler="normal", image_size=0, negative="", concept_file="", concept_list=None) -> CheckResult:
     """Sample every row on both models with the same seeds and lay it out. Nothing is patched: both models are only
     sampled (ComfyUI loads and unloads their clones as KSampler would)."""
     if not 1 <= images_per_prompt <= MAX_PER_PROMPT:
         raise MaceInputError("images_per_prompt", f"must be 1 to {MAX_PER_PROMPT}, got {images_per_prompt}.")
-    items = erased_list(erased_model, concepts, concept_type, anchor, concept_file)
+    if concept_list is not None:  # the list's concepts and kept concepts are the rows; the boxes must not disagree
+        cl = stage_list(concept_list, "MACE Erasure Check", concepts, concept_type, anchor, concept_file, preserve)
+        items, preserve, concept_type = list(cl.concepts), list(cl.keep), cl.family
+    else:
+        items = erased_list(erased_model, concepts, concept_type, anchor, concept_file)
     host.cross_attention_keys(model, clip)
     host.cross_attention_keys(erased_model, clip)
     rows = check_rows(items, other_prompts, preserve, concept_type)

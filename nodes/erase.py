@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..mace_core.errors import MaceInputError
 from ..mace_core.train import PER_TYPE, concept_settings
 from . import attention, fuse, host, refine, sampling, train
+from .inputs import concept_list_input, stage_list
 
 log = logging.getLogger("MACE")
 
@@ -41,10 +42,13 @@ class MACEErase(io.ComfyNode):
                                        "per concept, the strongest erasure. quick: refinement only, seconds; it "
                                        "already removes most of a concept."),
                 *refine.preserve_inputs("the original", "edit"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                # stated, not left to the frontend: it adds a control widget to any 'seed' anyway, and the workflow
+                # generator must know it is there (else saved widget values shift by one after the seed)
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="full mode: seeds the training images, the LoRAs' start and every training "
                                      "step; the same seed gives the same erased model. Not used by quick mode."),
                 refine.concept_file_input(),
+                concept_list_input(),
             ],
             outputs=[io.Model.Output(tooltip="The erased model, ready for KSampler, MACE Erasure Check or MACE Save "
                                              "Erasure.")],
@@ -56,9 +60,9 @@ class MACEErase(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, mode, preserve, preservation_strength, lambda_,
-                seed, concept_file=""):
+                seed, concept_file="", concept_list=None):
         return io.NodeOutput(erase_model(model, clip, concepts, concept_type, anchor, mode, preserve,
-                                         preservation_strength, lambda_, seed, concept_file or ""))
+                                         preservation_strength, lambda_, seed, concept_file or "", concept_list))
 
 
 class StageProgress:
@@ -111,12 +115,14 @@ def _record(model, items):
 
 
 def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode=FULL, preserve="",
-                preservation_strength=1.0, lambda_=0.01, seed=0, concept_file=""):
+                preservation_strength=1.0, lambda_=0.01, seed=0, concept_file="", concept_list=None):
     """quick: refine_model. full: refine, train on the refined model with images and masks from the original model
     (at the model's usual picture size), fuse onto the refined model: as the separate nodes with their defaults. Every
     stage returns a clone, so the input MODEL is never changed, whatever stage a cancel or an error stops."""
     _check_mode(mode)
-    items = refine.read_concepts(concepts, concept_type, anchor, concept_file)  # bad lists fail before any work
+    # bad lists fail before any work; every stage then reads this one list (its boxes are not passed on)
+    cl = stage_list(concept_list, "MACE Erase", concepts, concept_type, anchor, concept_file, preserve)
+    items = list(cl.concepts)
     t0 = time.perf_counter()
     n = len(items)
     if mode == QUICK:
@@ -126,18 +132,18 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
         units = [n + 1, sum(p.steps + attention.GEN_STEPS + 1 for p in per), n + 2]
     with StageProgress(units) as bar:
         bar.next()
-        refined = refine.refine_model(model, clip, concepts, concept_type, anchor, preserve, preservation_strength,
-                                      lambda_, concept_file)
+        refined = refine.refine_model(model, clip, "", cl.family, "", "", preservation_strength, lambda_,
+                                      concept_list=cl)
         if mode == QUICK:
             _record(refined, items)
             log.info("MACE erase (quick): %d concepts in %.1fs", n, time.perf_counter() - t0)
             return refined
         bar.next()
-        bundle, _, _ = train.train_concept_loras(refined, clip, concepts, concept_type, anchor, seed=seed,
+        bundle, _, _ = train.train_concept_loras(refined, clip, "", cl.family, "", seed=seed,
                                                  image_size=sampling.native_size(model), image_model=model,
-                                                 concept_file=concept_file)
+                                                 concept_list=cl)
         bar.next()
-        out = fuse.fuse_model(refined, clip, bundle, preserve, preservation_strength, lambda_)
+        out = fuse.fuse_model(refined, clip, bundle, "", preservation_strength, lambda_, concept_list=cl)
     log.info("MACE erase (full): %d concepts in %.1fs", n, time.perf_counter() - t0)
     return out
 

@@ -10,6 +10,7 @@ from ..mace_core.concepts import Concept, split_line, where_line
 from ..mace_core.errors import MaceInputError
 from . import host
 from .fuse import erased_concepts
+from .inputs import concept_list_input, stage_list
 from .loras import MaceLoras, inside, loras_root
 
 log = logging.getLogger("MACE")
@@ -47,24 +48,29 @@ class MACESaveErasure(io.ComfyNode):
                                 tooltip="Optional: further erased concepts to record (e.g. refined only), one per line "
                                         "as in the other MACE nodes: 'concept', 'concept => anchor', 'concept | type' "
                                         "or 'concept => anchor | type'."),
+                concept_list_input(),
             ],
             outputs=[],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, filename_prefix, mode, rank, loras=None, concepts=""):
-        path, err = save_erasure(model, filename_prefix, mode, rank, loras, concepts)
+    def execute(cls, model, filename_prefix, mode, rank, loras=None, concepts="", concept_list=None):
+        path, err = save_erasure(model, filename_prefix, mode, rank, loras, concepts, concept_list)
         text = os.path.relpath(path, loras_root())
         if mode == "low rank":
             text += f" (rank {rank}, relative error {err:.2%})"
         return io.NodeOutput(ui=ui.PreviewText(text))
 
 
-def _concepts(model, bundle, text) -> list[Concept]:
+def _concepts(model, bundle, text, concept_list=None) -> list[Concept]:
     found = {}
     records = erased_concepts(model) + [{"concept": lora.concept, "anchor": lora.anchor, "family": lora.family}
                                         for lora in getattr(bundle, "loras", None) or []]
+    if concept_list is not None:  # the list says exactly what was erased, so no box needs typing a third time
+        stage_list(concept_list, "MACE Save Erasure", concepts=text)
+        records += [{"concept": c.name, "anchor": c.anchor, "family": c.family} for c in concept_list.concepts]
+        text = ""  # it said what the list says (stage_list refuses anything else)
     # The box takes the concept-list syntax, read by the one parser every MACE node uses: 'Claude Monet | style' is
     # the concept 'Claude Monet' of type style, not a name with a bar in it. Anchor and type stay as written ('' =
     # not given): the erasure was made elsewhere, so their defaults are unknown here.
@@ -93,7 +99,8 @@ def erasure_deltas(model) -> dict:
     return deltas
 
 
-def save_erasure(model, filename_prefix="mace/erasure", mode="full", rank=64, bundle=None, concepts=""):
+def save_erasure(model, filename_prefix="mace/erasure", mode="full", rank=64, bundle=None, concepts="",
+                 concept_list=None):
     if mode not in MODES:
         raise MaceInputError("mode", f"unknown mode '{mode}'.", f"Use one of: {', '.join(MODES)}.")
     prefix = (filename_prefix or "").strip() or "mace/erasure"
@@ -104,8 +111,8 @@ def save_erasure(model, filename_prefix="mace/erasure", mode="full", rank=64, bu
     dtype = host.patch_dtype(host.original_weights(model, keys)[keys[0]].dtype)
     progress = host.Progress(len(deltas) + 1)
     tensors, err = lora_files.erasure_tensors(deltas, mode, rank, dtype, progress)
-    meta = lora_files.erasure_metadata(_concepts(model, bundle, concepts), host.model_fingerprint(model), mode, rank,
-                                       err)
+    meta = lora_files.erasure_metadata(_concepts(model, bundle, concepts, concept_list), host.model_fingerprint(model),
+                                       mode, rank, err)
     if os.path.exists(path):
         log.warning("MACE: replacing %s", path)
     lora_files.write(path, tensors, meta)

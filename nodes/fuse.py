@@ -5,10 +5,10 @@ import time
 
 from comfy_api.latest import io
 
-from ..mace_core.concepts import parse_kept
+from ..mace_core.errors import MaceInputError
 from ..mace_core.fuse import fuse
 from . import host
-from .inputs import preserve_inputs
+from .inputs import concept_list_input, preserve_inputs, stage_list
 from .loras import MaceLoras, check_base
 from .refine import prior_for
 
@@ -57,28 +57,34 @@ class MACEFuseLoRAs(io.ComfyNode):
                                        "the connected (refined) model, so refinement's wider reach, e.g. to the "
                                        "concepts' synonyms, stays. original model: the checkpoint's weights, as in "
                                        "the paper, which pulls refinement back outside the concepts' own prompts."),
+                concept_list_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with every concept's LoRA fused in, ready for KSampler or "
                                              "MACE Save Erasure.")],
         )
 
     @classmethod
-    def execute(cls, model, clip, loras, preserve, preservation_strength, lambda_, keep_target="input model"):
+    def execute(cls, model, clip, loras, preserve, preservation_strength, lambda_, keep_target="input model",
+                concept_list=None):
         return io.NodeOutput(fuse_model(model, clip, loras, preserve, preservation_strength, lambda_,
-                                        KEEP_TARGETS.get(keep_target, keep_target)))
+                                        KEEP_TARGETS.get(keep_target, keep_target), concept_list))
 
 
-def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lambda_=0.01, keep_target="input"):
-    """Validate, solve, then patch a clone. Nothing is applied until every step has succeeded."""
-    keep = parse_kept(preserve)
+def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lambda_=0.01, keep_target="input",
+               concept_list=None):
+    """Validate, solve, then patch a clone. Nothing is applied until every step has succeeded. A connected
+    concept_list supplies preserve and the corpus, and its concepts' own prompts and nicknames join the LoRAs'."""
+    cl = stage_list(concept_list, "MACE Fuse", preserve=preserve)
+    keep = list(cl.keep)
     keys = host.cross_attention_keys(model, clip)
     loras = list(getattr(bundle, "loras", None) or [])
+    known = check_against_list(loras, cl) if concept_list is not None else None
     if loras:
         check_base(model, getattr(bundle, "base", ""), "this LoRA bundle", "loras")
     enc = host.clip_encoder(clip)
     progress = host.Progress(len(loras) + 2)
     t0 = time.perf_counter()
-    prior = prior_for(clip, enc) if preservation_strength > 0 else None
+    prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()
     device = host.compute_device()
     current = host.CurrentWeights(model, keys, device)  # read per matrix (keep_target 'original' only)
@@ -86,12 +92,32 @@ def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lamb
     # deltas come out in the dtype they are patched in, so no second full-size copy exists
     deltas = fuse(loras, enc, current, original, prior, keep, prior_weight=preservation_strength,
                   preserve_weight=preservation_strength, lam=lambda_, device=device, progress=progress,
-                  keep_target=keep_target, out_dtype=host.patch_dtype(original[keys[0]].dtype))
+                  keep_target=keep_target, out_dtype=host.patch_dtype(original[keys[0]].dtype), concepts=known)
     progress()
     out = host.with_deltas(model, deltas)
     record_erased(out, loras)
     log.info("MACE fuse: %d LoRAs into %d matrices in %.2fs", len(loras), len(deltas), time.perf_counter() - t0)
     return out
+
+
+def check_against_list(loras, cl) -> dict:
+    """The list and the LoRAs must agree on each concept they share (else the stages disagree): the same anchor and
+    type. A LoRA the list lacks, or a listed concept without a LoRA, is fused as it is, with a warning."""
+    known = cl.by_name()
+    for lora in loras:
+        c = known.get(lora.concept.lower())
+        if c is None:
+            log.warning("MACE fuse: the LoRA for '%s' is not in the connected concept list; fused with its own "
+                        "anchor and type", lora.concept)
+        elif (c.anchor, c.family) != (lora.anchor, lora.family):
+            raise MaceInputError("concept_list", f"'{c.name}' is listed with anchor '{c.anchor}' ({c.family}), but "
+                                                 f"its LoRA was trained with '{lora.anchor}' ({lora.family}).",
+                                 "Connect the list the LoRAs were trained with, or train them again.")
+    have = {lora.concept.lower() for lora in loras}
+    missing = [c.name for c in cl.concepts if c.name.lower() not in have]
+    if missing:
+        log.warning("MACE fuse: no LoRA for %s of the concept list", ", ".join(missing))
+    return known
 
 
 NODES = [MACEFuseLoRAs]

@@ -1,11 +1,19 @@
 """The inputs several MACE nodes share, in one place so their names, defaults and tooltips agree, and the reading of
 the concepts they name (the box, then the optional file in ComfyUI's input folder)."""
 
+import logging
+
 import folder_paths
 from comfy_api.latest import io
 
 from ..mace_core import concept_files
-from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES
+from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, ConceptList, parse_kept
+from ..mace_core.errors import MaceInputError
+
+log = logging.getLogger("MACE")
+
+# The list MACE Concept List makes and every stage reads (mace_core.concepts.ConceptList), so it is typed once.
+MaceConcepts = io.Custom("MACE_CONCEPTS")
 
 
 def concept_inputs() -> list:
@@ -59,3 +67,35 @@ def read_concepts(concepts, concept_type, anchor, concept_file=""):
 def concept_file_fingerprint(concept_file="", **_):
     """Rerun when the concept file's content changes, though its name did not."""
     return concept_files.fingerprint(folder_paths.get_input_directory(), concept_file or "")
+
+
+def concept_list_input():
+    """The last optional input of every node that reads concepts: saved workflows, which lack it, keep loading."""
+    return MaceConcepts.Input("concept_list", optional=True,
+                              tooltip="Optional: a MACE Concept List. When connected it supplies the concepts, their "
+                                      "type and anchor, the concepts to keep, your own prompts and nicknames and the "
+                                      "caption corpus, so every stage reads one list; leave this node's own concept "
+                                      "boxes blank (a box that says something else is an error; concept_type here "
+                                      "is not used).")
+
+
+def stage_list(concept_list, node: str, concepts=None, concept_type="celebrity", anchor=None, concept_file=None,
+               preserve=None) -> ConceptList:
+    """The list a stage works on: the connected concept_list, or one read from the node's own text inputs (None = the
+    node has no such input). Precedence: a connected list wins, and a non-blank box of the node that says something
+    else than the list is a MaceInputError naming that box (ConceptList.check_stage); the log says which was used."""
+    if concept_list is None:
+        items = read_concepts(concepts, concept_type, anchor or "", concept_file) if concepts is not None else []
+        return ConceptList(tuple(items), tuple(parse_kept(preserve)), family=concept_type, anchor=anchor or "")
+    if not isinstance(getattr(concept_list, "concepts", None), tuple):
+        raise MaceInputError("concept_list", "is not a MACE concept list.", "Connect the output of MACE Concept List.")
+    concept_list.check_stage(node, concepts=concepts, anchor=anchor, concept_file=concept_file, preserve=preserve)
+    if concept_list.source:  # a list from the Concept List node (MACE Erase passes its own typed one on too)
+        log.info("MACE %s: %d concepts and %d to keep from the connected concept_list (type %s%s)", node,
+                 len(concept_list.concepts), len(concept_list.keep), concept_list.family,
+                 f", corpus '{concept_list.corpus_name}'" if concept_list.corpus_name else "")
+    return concept_list
+
+
+def corpus_fingerprint(corpus_file="", **_):
+    return concept_files.fingerprint(folder_paths.get_input_directory(), corpus_file or "", concept_files.CORPUS_EXT)

@@ -13,6 +13,7 @@ from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, parse_concepts
 from ..mace_core.errors import MaceInputError
 from ..mace_core.lora_bundle import LoRABundle
 from . import host
+from .inputs import concept_list_input, stage_list
 
 log = logging.getLogger("MACE")
 
@@ -145,13 +146,14 @@ class MACELoadLoRAs(io.ComfyNode):
                 io.Boolean.Input("check_base", default=True,
                                  tooltip="Refuse MACE files recorded for another base model. Turn off to fuse LoRAs "
                                          "trained on a related checkpoint."),
+                concept_list_input(),
             ],
             outputs=[MaceLoras.Output(display_name="loras", tooltip="The loaded LoRAs, one per concept.")],
         )
 
     @classmethod
-    def execute(cls, model, files, concept_type, anchor, check_base):
-        return io.NodeOutput(load_loras(model, files, concept_type, anchor, check_base))
+    def execute(cls, model, files, concept_type, anchor, check_base, concept_list=None):
+        return io.NodeOutput(load_loras(model, files, concept_type, anchor, check_base, concept_list))
 
 
 def _entries(text: str) -> list[tuple[int, str, str, str]]:
@@ -187,7 +189,14 @@ def _resolve(name: str, line_no: int) -> list[str]:
                          "Give a path relative to the loras folder, e.g. 'mace/mace_claude-monet.safetensors'.")
 
 
-def load_loras(model, files: str, concept_type: str = "celebrity", anchor: str = "", check: bool = True) -> LoRABundle:
+def load_loras(model, files: str, concept_type: str = "celebrity", anchor: str = "", check: bool = True,
+               concept_list=None) -> LoRABundle:
+    """A connected concept_list gives the type and anchor of LoRAs whose file records none (foreign LoRAs named by
+    'file => concept'); what a MACE file records stays, and MACE Fuse refuses it if it disagrees with the list."""
+    known = {}
+    if concept_list is not None:
+        stage_list(concept_list, "MACE Load LoRAs", anchor=anchor)
+        known, concept_type, anchor = concept_list.by_name(), concept_list.family, concept_list.anchor
     keys = host.cross_attention_keys(model)
     shapes = lora_shapes(model, keys)
     key_map = lora_key_map(model, keys)
@@ -204,6 +213,11 @@ def load_loras(model, files: str, concept_type: str = "celebrity", anchor: str =
             if check:
                 check_base(model, base, f"'{fname}'", "files")
             # Validate the name and anchor exactly as typed concepts are; the file's type wins over concept_type.
+            listed = known.get(lora.concept.lower())
+            if listed is not None and lora.family not in FAMILIES:
+                lora.family = listed.family
+            if listed is not None and not lora.anchor:
+                lora.anchor = listed.anchor
             family = lora.family if lora.family in FAMILIES else concept_type
             c = parse_concepts(f"{lora.concept} => {lora.anchor}" if lora.anchor else lora.concept, family, anchor,
                                input_name="files")[0]

@@ -6,22 +6,35 @@ import time
 from comfy_api.latest import io
 
 from ..mace_core.closed_form import apply_transform
-from ..mace_core.concepts import parse_kept
-from ..mace_core.prior import prior_moment, prompt_set_version
+from ..mace_core.prior import generic_prompts, prior_moment, prompt_set_version
 from ..mace_core.refine import refine
 from . import host
 
 # Also re-exported: nodes/train.py still imports the shared inputs from here.
-from .inputs import concept_file_fingerprint, concept_file_input, concept_inputs, preserve_inputs, read_concepts  # noqa: F401,E501
+from .inputs import (  # noqa: F401,E501
+    concept_file_fingerprint,
+    concept_file_input,
+    concept_inputs,
+    concept_list_input,
+    preserve_inputs,
+    read_concepts,
+    stage_list,
+)
 
 log = logging.getLogger("MACE")
 
 
-def prior_for(clip, enc, progress=None):
-    """Generic-prompt statistics of this text encoder, computed once and cached on disk."""
+def prior_for(clip, enc, progress=None, corpus=()):
+    """Generic-prompt statistics of this text encoder, computed once and cached on disk. A caption corpus (a concept
+    list's corpus_file) joins the built-in prompts; the key holds a digest of the whole prompt set, so an edited
+    corpus is a new key and never reuses the old statistics."""
+    prompts = generic_prompts() + list(corpus) if corpus else None
     # keyed by the features (layer setting included) and by the generic prompt set they are computed from
-    name = f"prior_{host.text_features_key(clip)}_{prompt_set_version()}"
-    return host.cached_tensor(name, lambda: prior_moment(enc, progress=progress))
+    name = f"prior_{host.text_features_key(clip)}_{prompt_set_version(prompts)}"
+    if corpus:
+        log.info("MACE: preservation prior over %d built-in prompts and %d corpus captions", len(generic_prompts()),
+                 len(corpus))
+    return host.cached_tensor(name, lambda: prior_moment(enc, prompts, progress=progress))
 
 
 class MACERefineCrossAttention(io.ComfyNode):
@@ -42,6 +55,7 @@ class MACERefineCrossAttention(io.ComfyNode):
                 *concept_inputs(),
                 *preserve_inputs("the original", "edit"),
                 concept_file_input(),
+                concept_list_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with refined cross-attention, ready for KSampler.")],
         )
@@ -52,22 +66,23 @@ class MACERefineCrossAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_,
-                concept_file=""):
+                concept_file="", concept_list=None):
         model_out = refine_model(model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_,
-                                 concept_file)
+                                 concept_file, concept_list)
         return io.NodeOutput(model_out)
 
 
 def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", preservation_strength=1.0,
-                 lambda_=0.01, concept_file=""):
-    """Parse, validate, solve, then patch a clone. Nothing is applied until every step has succeeded."""
-    items = read_concepts(concepts, concept_type, anchor, concept_file)
-    keep = parse_kept(preserve)
+                 lambda_=0.01, concept_file="", concept_list=None):
+    """Parse, validate, solve, then patch a clone. Nothing is applied until every step has succeeded. A connected
+    concept_list supplies the concepts, preserve and corpus (inputs.stage_list)."""
+    cl = stage_list(concept_list, "MACE Refine", concepts, concept_type, anchor, concept_file, preserve)
+    items, keep = list(cl.concepts), list(cl.keep)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
     progress = host.Progress(len(items) + 1)
     t0 = time.perf_counter()
-    prior = prior_for(clip, enc) if preservation_strength > 0 else None
+    prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()
     t = refine(items, enc, prior, keep, prior_weight=preservation_strength, preserve_weight=preservation_strength,
                lam=lambda_, progress=progress)

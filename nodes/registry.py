@@ -2,7 +2,7 @@
 
 from comfy_api.latest import ComfyExtension
 
-from . import attention_map, check, concept_world, erase, erasure, fuse, loras, refine, train
+from . import attention_map, check, concept_list, concept_world, erase, erasure, fuse, loras, refine, train
 
 
 def all_nodes() -> list:
@@ -17,6 +17,7 @@ def all_nodes() -> list:
         erase.MACEErase,
         check.MACEErasureCheck,
         attention_map.MACEAttentionMap,
+        concept_list.MACEConceptList,
     ]
 
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..mace_core import lora_files
 from ..mace_core.attention_loss import TIMESTEP_KINDS, check_mask
-from ..mace_core.concepts import PRESETS, TEMPLATES, describe_presets
+from ..mace_core.concepts import PRESETS, describe_presets
 from ..mace_core.errors import MaceInputError
 from ..mace_core.lora_bundle import ConceptLoRA, LoRABundle
 from ..mace_core.text import check_concepts
@@ -38,8 +38,9 @@ from ..mace_core.train import (
     train_task,
 )
 from . import attention, host
+from .inputs import concept_list_input, stage_list
 from .loras import MaceLoras, inside, loras_root, slug
-from .refine import concept_file_fingerprint, concept_file_input, concept_inputs, read_concepts
+from .refine import concept_file_fingerprint, concept_file_input, concept_inputs
 
 log = logging.getLogger("MACE")
 
@@ -122,6 +123,7 @@ class MACETrainConceptLoRA(io.ComfyNode):
                                        "steps, learning_rate or timestep_sampling changed from their defaults win "
                                        "over the preset. custom: steps, learning_rate and timestep_sampling as set, "
                                        "for every concept. The log lists what each concept used."),
+                concept_list_input(),  # last: saved workflows keep their widget order
             ],
             outputs=[
                 MaceLoras.Output("loras", display_name="loras",
@@ -141,11 +143,11 @@ class MACETrainConceptLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed,
                 timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0,
-                image_model=None, concept_file="", resume_folder="", settings=PER_TYPE):
+                image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, concept_list=None):
         bundle, model_out, curves = train_concept_loras(
             model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed, timestep_sampling,
             images_per_concept, mask_source, latents, mask, image_size or 0, image_model, concept_file or "",
-            resume_folder or "", settings or PER_TYPE)
+            resume_folder or "", settings or PER_TYPE, concept_list)
         return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
 
 
@@ -218,7 +220,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
         if only is not None and i not in only:  # resumed from its file: no data needed
             out.append(None)
             continue
-        prompts = attention.concept_prompts(clip, c, TEMPLATES[c.family], enc.end_id)
+        prompts = [p for v in c.variants() for p in attention.concept_prompts(clip, v, v.templates(), enc.end_id)]
         if samples is not None:
             lat = samples[i * k:(i + 1) * k]
         else:
@@ -249,13 +251,14 @@ def _data_units(samples) -> int:
 def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DEFAULT_STEPS,
                         learning_rate=DEFAULT_LEARNING_RATE, rank=1, seed=0, timestep_sampling=DEFAULT_TIMESTEPS,
                         images_per_concept=8, mask_source="auto", latents=None, mask=None, image_size=0,
-                        image_model=None, concept_file="", resume_folder="", settings=PER_TYPE):
+                        image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, concept_list=None):
     """Validate everything, make or take the data, train one LoRA per concept on a private clone, then build the
     bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Each concept trains with the
     steps, learning rate and timestep sampling that `settings` gives its type (mace_core.train.concept_settings).
     Nothing is applied to the model on failure or cancel; with a resume_folder, each concept's LoRA is written there
-    as soon as it is trained, and concepts already there (same settings) are loaded instead of trained."""
-    items = read_concepts(concepts, concept_type, anchor, concept_file)
+    as soon as it is trained, and concepts already there (same settings) are loaded instead of trained. A connected
+    concept_list supplies the concepts (with own prompts and nicknames, which join each concept's prompts)."""
+    items = list(stage_list(concept_list, "MACE Train", concepts, concept_type, anchor, concept_file).concepts)
     samples, mask = _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept,
                                   mask_source, latents, mask, image_size, model, settings)
     keys = host.cross_attention_keys(model, clip)
@@ -373,7 +376,8 @@ class _Resume:
         c = self.items[i]
         mode = mask_mode(self.mask_source, c.family, self.mask is not None)
         own = {"index": i, "concept": c.name, "anchor": c.anchor, "family": c.family, "mask": mode,
-               "templates": TEMPLATES[c.family] + [attention.data_template(c)], "cfg": repr(self.cfgs[i]),
+               "templates": c.templates() + [attention.data_template(c)], "cfg": repr(self.cfgs[i]),
+               **({"aliases": list(c.aliases)} if c.aliases else {}),
                "timestep_sampling": self.per[i].timestep_sampling}
         if self.samples is not None:
             part = slice(i * self.k, (i + 1) * self.k)

@@ -88,20 +88,48 @@ def train_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
 def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style", preserve="", prompt=None, seed=42,
                 size=512, steps=20, train_steps=50, learning_rate=1e-4, image_size=0, prefix="mace_erasure",
                 world_seed=0, images=8, cfg=7.0) -> Graph:
-    """The whole MACE pipeline: refine, one LoRA per concept, closed-form fusion, before/after, save the erasure."""
+    """The whole MACE pipeline: refine, one LoRA per concept, closed-form fusion, before/after, save the erasure. The
+    concepts and the concepts to keep are typed once, into MACE Concept List, which every stage reads (issue 16);
+    the stages' own boxes stay blank."""
     g = Graph()
     model, clip, vae = _loader(g, ckpt, world_seed)
-    refined = g.add("MACERefineCrossAttention", model=model, clip=clip, concepts=concepts, concept_type=concept_type,
-                    anchor="", preserve=preserve, preservation_strength=1.0, lambda_=0.01)
-    train = g.add("MACETrainConceptLoRA", model=refined[0], clip=clip, concepts=concepts, concept_type=concept_type,
+    listed = g.add("MACEConceptList", title="Concepts (typed once)", concepts=concepts, concept_type=concept_type,
+                   anchor="", preserve=preserve, prompts="", concept_file="", corpus_file="")
+    cl = listed[0]
+    refined = g.add("MACERefineCrossAttention", model=model, clip=clip, concepts="", concept_type=concept_type,
+                    anchor="", preserve="", preservation_strength=1.0, lambda_=0.01, concept_list=cl)
+    train = g.add("MACETrainConceptLoRA", model=refined[0], clip=clip, concepts="", concept_type=concept_type,
                   anchor="", steps=train_steps, learning_rate=learning_rate, rank=1, seed=seed,
                   timestep_sampling="importance", images_per_concept=images, mask_source="auto",
-                  image_size=image_size, image_model=model)
-    fused = g.add("MACEFuseLoRAs", model=refined[0], clip=clip, loras=train[0], preserve=preserve,
-                  preservation_strength=1.0, lambda_=0.01, keep_target="input model")
+                  image_size=image_size, image_model=model, concept_list=cl)
+    fused = g.add("MACEFuseLoRAs", model=refined[0], clip=clip, loras=train[0], preserve="",
+                  preservation_strength=1.0, lambda_=0.01, keep_target="input model", concept_list=cl)
     _before_after(g, clip, vae, model, fused[0], prompt or _prompt(concepts, concept_type), seed, size, steps,
                   prefix, cfg)
-    g.add("MACESaveErasure", model=fused[0], filename_prefix=prefix, mode="full", rank=64, loras=train[0])
+    g.add("MACESaveErasure", model=fused[0], filename_prefix=prefix, mode="full", rank=64, loras=train[0],
+          concept_list=cl)
+    return g
+
+
+def one_node_graph(concepts="Tomas Lindqvist", concept_type="celebrity", preserve="Alba Moreno\nNadia Okafor",
+                   prompts="Tomas Lindqvist: Tommy Lindqvist; Mister Lindqvist", seed=0) -> Graph:
+    """MACE Erase and MACE Erasure Check on the concept world: the whole erasure in one node, then the same seeds
+    before and after as one labelled grid, both reading one Concept List (cfg 3: the world's guidance). The person's
+    two other names are listed as nicknames, so they are erased too and get rows of their own in the grid."""
+    g = Graph()
+    model, clip, vae = _loader(g, None)
+    listed = g.add("MACEConceptList", title="Concepts (typed once)", concepts=concepts, concept_type=concept_type,
+                   anchor="", preserve=preserve, prompts=prompts, concept_file="", corpus_file="")
+    erased = g.add("MACEErase", model=model, clip=clip, concepts="", concept_type=concept_type, anchor="",
+                   mode="full", preserve="", preservation_strength=1.0, lambda_=0.01, seed=seed,
+                   concept_list=listed[0])
+    grid = g.add("MACEErasureCheck", model=model, erased_model=erased[0], clip=clip, vae=vae, concepts="",
+                 concept_type=concept_type, anchor="", other_prompts="", preserve="", seed=seed, images_per_prompt=2,
+                 steps=20, cfg=WORLD_DEFAULT["cfg"], sampler_name="euler", scheduler="normal", image_size=0,
+                 negative="", concept_list=listed[0])
+    g.add("SaveImage", title="Erasure check", images=grid[0], filename_prefix="mace_world_check")
+    g.add("MACESaveErasure", model=erased[0], filename_prefix="mace_world_one_node", mode="full", rank=64,
+          concept_list=listed[0])
     return g
 
 
@@ -128,4 +156,4 @@ def world_graph() -> Graph:
 
 
 WORKFLOWS = {"refine_cross_attention": refine_graph, "train_concept_lora": train_graph, "mace_erase": erase_graph,
-             "concept_world_erase": world_graph}
+             "concept_world_erase": world_graph, "mace_erase_one_node": one_node_graph}

@@ -62,7 +62,7 @@ def test_nodes_registered_with_schema(pack):
     assert pack[ERASURE].define_schema().is_output_node and pack["MACESaveLoRAs"].define_schema().is_output_node
     inputs = pack[FUSE].define_schema().inputs
     assert [i.id for i in inputs] == ["model", "clip", "loras", "preserve", "preservation_strength", "lambda_",
-                                      "keep_target"]
+                                      "keep_target", "concept_list"]
     assert inputs[-1].optional, "added last and optional: saved API workflows without it still run"
 
 

@@ -47,13 +47,13 @@ def test_schema(pack):
     assert names[:16] == ["model", "clip", "concepts", "concept_type", "anchor", "steps", "learning_rate", "rank",
                           "seed", "timestep_sampling", "images_per_concept", "mask_source", "latents", "mask",
                           "image_size", "image_model"]
-    assert names[16:] == ["concept_file", "resume_folder", "settings"]
+    assert names[16:] == ["concept_file", "resume_folder", "settings", "concept_list"]
     assert all(i.tooltip for i in s.inputs)
-    assert [i.optional for i in s.inputs][-4:] == [True, True, True, True]
+    assert [i.optional for i in s.inputs][-5:] == [True, True, True, True, True]
     defaults = {i.id: getattr(i, "default", None) for i in s.inputs}
     assert (defaults["steps"], defaults["learning_rate"], defaults["rank"], defaults["images_per_concept"]) == \
         (50, 1e-4, 1, 8)
-    settings = s.inputs[-1]
+    settings = s.inputs[-2]
     assert settings.options == ["per type (paper)", "custom"] and settings.default == "per type (paper)"
     # the presets are shown where the choice is made
     assert "explicit: lr 1e-5, 120 steps, uniform timesteps" in settings.tooltip and "custom" in settings.tooltip

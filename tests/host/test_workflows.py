@@ -92,6 +92,25 @@ def test_check_ui_catches_broken_files(object_info):
     assert "widget values" in problems and "does not exist" in problems and "unknown type" in problems
 
 
+LIST_STAGES = {"MACERefineCrossAttention", "MACETrainConceptLoRA", "MACEFuseLoRAs", "MACESaveErasure", "MACEErase",
+               "MACEErasureCheck"}
+
+
+@pytest.mark.parametrize("name", ["mace_erase", "concept_world_erase", "mace_erase_one_node"])
+def test_each_list_is_typed_once_and_every_stage_reads_it(name):
+    """Issue 16: one MACE Concept List per graph holds the concepts and the keep list; every stage is linked to it and
+    its own concept boxes are blank, so no second copy can disagree."""
+    api = json.loads((WF / "api" / f"{name}.json").read_text())
+    lists = [nid for nid, n in api.items() if n["class_type"] == "MACEConceptList"]
+    assert len(lists) == 1 and api[lists[0]]["inputs"]["concepts"].strip()
+    stages = {nid: n for nid, n in api.items() if n["class_type"] in LIST_STAGES}
+    assert stages
+    for nid, n in stages.items():
+        assert n["inputs"].get("concept_list") == [lists[0], 0], (name, n["class_type"])
+        for box in ("concepts", "preserve", "anchor", "concept_file"):
+            assert not str(n["inputs"].get(box, "")).strip(), (name, n["class_type"], box)
+
+
 def test_committed_workflows_match_their_generator(object_info):
     for name, make in WORKFLOWS.items():
         api = complete(make().api(), object_info)
