@@ -106,6 +106,12 @@ def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
                   preservation_strength=1.0, lambda_=0.01, keep_target="input model", concept_list=cl)
     _before_after(g, clip, vae, model, fused[0], prompt or _prompt(concepts, concept_type), seed, size, steps,
                   prefix, cfg)
+    # the verdict at a glance: every erased and kept concept, the same seeds before and after, one labelled grid
+    check = g.add("MACEErasureCheck", model=model, erased_model=fused[0], clip=clip, vae=vae, concepts="",
+                  concept_type=concept_type, anchor="", other_prompts="", preserve="", seed=seed,
+                  images_per_prompt=2, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal",
+                  image_size=size, negative="", concept_list=cl)
+    g.add("SaveImage", title="Erasure check", images=check[0], filename_prefix=f"{prefix}_check")
     g.add("MACESaveErasure", model=fused[0], filename_prefix=prefix, mode="full", rank=64, loras=train[0],
           concept_list=cl)
     return g

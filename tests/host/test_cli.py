@@ -21,6 +21,7 @@ def test_erase_with_a_checkpoint_writes_images_and_lora(tmp_path, checkpoint):
     names = sorted(p.name for p in out.iterdir())
     assert any("_before" in n and n.endswith(".png") for n in names), names
     assert any("_after" in n and n.endswith(".png") for n in names), names
+    assert any("_check" in n and n.endswith(".png") for n in names), ("the labelled before/after grid", names)
     assert any(n.startswith("cli_erasure") and n.endswith(".safetensors") for n in names), names
     assert "done:" in r.stderr
 
