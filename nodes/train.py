@@ -274,6 +274,10 @@ def _check_batch(batch):
         raise MaceInputError("batch", f"must be 0 (automatic) or a number of concepts from 1 to 1024, got {batch!r}.")
 
 
+_ONE_DOES_NOT_FIT = ("MACE train: out of memory with one concept at a time ({what}); lower image_size or "
+                     "images_per_concept, or free memory (close other models).")
+
+
 def _oom(e: BaseException) -> bool:
     """An allocation failure a smaller batch may avoid: CUDA's OutOfMemoryError, or the CPU allocator's."""
     if isinstance(e, torch.OutOfMemoryError):
@@ -294,9 +298,7 @@ def _in_batches(groups: list[list[int]], size: int, run, what: str, explicit: bo
             except Exception as e:
                 if not _oom(e) or len(chunk) == 1:
                     if _oom(e):
-                        raise RuntimeError(f"MACE train: out of memory with one concept at a time ({what}); "
-                                           "lower image_size or images_per_concept, or free memory (close other "
-                                           "models).") from e
+                        raise RuntimeError(_ONE_DOES_NOT_FIT.format(what=what)) from e
                     raise
                 size = max(1, len(chunk) // 2)
                 log.warning("MACE train: %d concepts at a time did not fit in memory (%s)%s; going on with %d at a "
@@ -337,8 +339,13 @@ def _training_batch(tm, data: _ConceptData, up: dict, down: dict, asked: int, co
     task = attention.BatchTask(tm, [attention.ConceptData(data.prompts, data.latents, data.masks, "uniform")],
                                {k: v.detach()[None].clone().requires_grad_(True) for k, v in up.items()},
                                {k: v.detach()[None].clone().requires_grad_(True) for k, v in down.items()})
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = task.losses(0, [torch.Generator().manual_seed(0)])
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = task.losses(0, [torch.Generator().manual_seed(0)])
+    except Exception as e:
+        if _oom(e):
+            raise RuntimeError(_ONE_DOES_NOT_FIT.format(what="training")) from e
+        raise
     del loss, task
     # backward holds about as much again in gradients of the activations it walks through
     per_concept = max(1.0, 2.0 * saved[0])
