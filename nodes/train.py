@@ -265,7 +265,9 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
 
 # ---------------------------------------------------------------- batches of concepts
 
-AUTO_BATCH_MAX = 64  # beyond this the per-concept cost stops falling on any device measured (bench_train_batch.py)
+# The automatic batch's cap: on the tiny CPU model 16 -> 64 concepts cut the per-concept time only 15 % more
+# (bench_train_batch.py), while memory grows with every concept; GPU figures: bench/gpu_run.sh.
+AUTO_BATCH_MAX = 64
 MEMORY_SHARE = 0.7  # of the free memory a batch may plan to use: allocator slack, fragmentation, the estimate's error
 
 
@@ -324,37 +326,45 @@ def _data_batch(source, images: int, size: int, count: int) -> int:
 
 
 def _training_batch(tm, data: _ConceptData, up: dict, down: dict, asked: int, count: int) -> int:
-    """Concepts per training step: one concept's forward at batch 1 is run once with its saved-for-backward bytes
-    counted (the memory each concept of a batch adds; weights are shared), against the free memory. A `batch` input
-    larger than that fits is lowered, and the log says so."""
-    saved, seen = [0], set()
+    """Concepts per training step, from what one and two concepts' forwards keep for backward (their saved tensors'
+    bytes, counted once per storage): the difference is what each concept of a batch adds, the rest is shared (the
+    weights, and their float32 copies when a 16- or 8-bit model computes in float32). Backward holds about as much
+    again in activation gradients while it runs. A `batch` input larger than fits is lowered, and the log says so."""
 
-    def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            saved[0] += t.untyped_storage().nbytes()
-        return t
+    def saved_bytes(k: int) -> int:
+        total, seen = [0], set()
 
-    task = attention.BatchTask(tm, [attention.ConceptData(data.prompts, data.latents, data.masks, "uniform")],
-                               {k: v.detach()[None].clone().requires_grad_(True) for k, v in up.items()},
-                               {k: v.detach()[None].clone().requires_grad_(True) for k, v in down.items()})
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = task.losses(0, [torch.Generator().manual_seed(0)])
-    except Exception as e:
-        if _oom(e):
-            raise RuntimeError(_ONE_DOES_NOT_FIT.format(what="training")) from e
-        raise
-    del loss, task
-    # backward holds about as much again in gradients of the activations it walks through
-    per_concept = max(1.0, 2.0 * saved[0])
-    fit = max(1, int(MEMORY_SHARE * _free_memory(tm.patcher, True) // per_concept))
+        def pack(t):
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total[0] += t.untyped_storage().nbytes()
+            return t
+
+        d = attention.ConceptData(data.prompts, data.latents, data.masks, "uniform")
+        task = attention.BatchTask(tm, [d] * k,
+                                   {n: torch.stack([v.detach()] * k).requires_grad_(True) for n, v in up.items()},
+                                   {n: torch.stack([v.detach()] * k).requires_grad_(True) for n, v in down.items()})
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                task.losses(0, [torch.Generator().manual_seed(0) for _ in range(k)])
+        except Exception as e:
+            if _oom(e):
+                raise RuntimeError(_ONE_DOES_NOT_FIT.format(what="training")) from e
+            raise
+        return total[0]
+
+    one = saved_bytes(1)
+    per_concept = max(1.0, 2.0 * (saved_bytes(2) - one)) if count > 1 or asked > 1 else 2.0 * one
+    shared = max(0.0, one - per_concept / 2)
+    free = _free_memory(tm.patcher, True)
+    fit = max(1, int((MEMORY_SHARE * free - shared) // per_concept))
     if asked and asked > fit:
         log.warning("MACE train: batch %d does not fit in free memory (about %.0f MiB per concept, %.0f MiB free): "
-                    "training %d concepts at a time", asked, per_concept / 2**20,
-                    _free_memory(tm.patcher, True) / 2**20, fit)
+                    "training %d at a time", asked, per_concept / 2**20, free / 2**20, fit)
     chosen = min(asked, fit) if asked else min(AUTO_BATCH_MAX, fit)
+    log.info("MACE train: about %.0f MiB per concept in a training batch, %.0f MiB free", per_concept / 2**20,
+             free / 2**20)
     return max(1, min(chosen, count))
 
 

@@ -145,3 +145,21 @@ def test_bad_batch_names_the_input(mods, tiny, batch):
     with torch.inference_mode(), pytest.raises(mods.errors.MaceInputError) as e:
         mods.train.train_concept_loras(model, clip, "Claude Monet", "celebrity", steps=2, batch=batch)
     assert e.value.input_name == "batch"
+
+
+def test_a_batch_larger_than_the_free_memory_is_lowered_and_announced(mods, tiny, caplog, monkeypatch):
+    """The batch input is checked against what one concept of a batch needs (measured by one forward) and the free
+    memory: with (as good as) none free, 3 concepts are trained one at a time, said in the log, LoRAs unchanged."""
+    model, clip = tiny
+    common = dict(latents=_lat(3), mask_source="whole image", steps=2, learning_rate=1e-2, settings="custom")
+    names = "Claude Monet\nTom Hanks\nEmma Watson"
+    with torch.inference_mode():
+        alone, _, _ = mods.train.train_concept_loras(model, clip, names, "celebrity", batch=1, **common)
+        monkeypatch.setattr(mods.train, "_free_memory", lambda patcher, loaded: 0.0)
+        with caplog.at_level(logging.INFO, logger="MACE"):
+            got, _, _ = mods.train.train_concept_loras(model, clip, names, "celebrity", batch=3, **common)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("batch 3 does not fit in free memory" in m and "training 1 at a time" in m for m in lines), \
+        lines
+    assert any("3 concepts, 1 at a time" in m for m in lines)
+    _close(alone, got, "lowered")
