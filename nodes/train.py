@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 from PIL import Image, ImageDraw, ImageFont
@@ -305,14 +304,13 @@ def _in_batches(groups: list[list[int]], size: int, run, what: str, explicit: bo
                 size = max(1, len(chunk) // 2)
                 log.warning("MACE train: %d concepts at a time did not fit in memory (%s)%s; going on with %d at a "
                             "time", len(chunk), what, " at the batch input's size" if explicit else "", size)
-                mm.soft_empty_cache()
+                host.release_cached_memory()
                 continue
             pos += len(chunk)
 
 
 def _free_memory(patcher, loaded: bool) -> float:
-    free = mm.get_free_memory(patcher.load_device)
-    return free if loaded else free - patcher.model_size()
+    return host.free_memory(patcher, loaded)
 
 
 def _data_batch(source, images: int, size: int, count: int) -> int:
@@ -320,7 +318,7 @@ def _data_batch(source, images: int, size: int, count: int) -> int:
     concept's images takes (the batch of `images` with CFG's unconditional half) against the free memory."""
     ratio = getattr(source.model.latent_format, "spacial_downscale_ratio", 8)
     shape = [2 * images, source.model.latent_format.latent_channels, size // ratio, size // ratio]
-    need = max(1.0, float(source.model.memory_required(shape)))
+    need = max(1.0, host.inference_memory(source, shape))
     fit = int(MEMORY_SHARE * _free_memory(source, False) // need)
     return max(1, min(AUTO_BATCH_MAX, count, fit))
 
