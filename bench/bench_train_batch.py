@@ -70,6 +70,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="timed repetitions per batch size (median)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (shared cores: 1 avoids OpenMP spinning)")
     ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--data-batches", default="1,16",
+                    help="batch sizes for the training images and masks (blank: skip that table)")
+    ap.add_argument("--images", type=int, default=8, help="images per concept for the data table")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -139,6 +142,24 @@ def main():
             with torch.inference_mode():
                 tm.release()
 
+    data_rows = {}
+    if args.data_batches.strip():
+        # the data phase as the node runs it: one sampler run for the batch's images (20 euler steps, CFG), then one
+        # batch of attention forwards for their masks; per concept = the batch's time / its concepts
+        with torch.inference_mode():
+            for k in [int(b) for b in args.data_batches.split(",")]:
+                texts = [att.data_template(c).format(c.name) for c in items[:k]]
+                prompts = [att.concept_prompts(clip, c, [att.data_template(c)], end_id)[0] for c in items[:k]]
+                att.generate_latents_batch(model, clip, texts[:1], 1, 8 * s, [0])  # warm-up
+                sync(dev)
+                t0 = time.perf_counter()
+                lats = att.generate_latents_batch(model, clip, texts, args.images, 8 * s, list(range(k)))
+                sync(dev)
+                t1 = time.perf_counter()
+                att.derive_masks_batch(model, prompts, lats, list(range(k)))
+                sync(dev)
+                data_rows[k] = ((t1 - t0) / k, (time.perf_counter() - t1) / k)
+
     if torch.device(dev).type == "cuda":
         where = torch.cuda.get_device_name()
     else:
@@ -155,6 +176,14 @@ def main():
             continue
         ratio = f"{t / base:.3f}" if base else "-"
         print(f"{k:>6}{1e3 * t:>17.2f}{50 * t:>22.3f}{ratio:>11}")
+    if data_rows:
+        print(f"\ntraining data per concept ({args.images} images x {att.GEN_STEPS} sampler steps with CFG, then "
+              "attention masks)")
+        print(f"{'batch':>6}{'images s':>10}{'masks s':>9}{'x batch 1':>11}")
+        first = data_rows.get(1)
+        for k, (ti, tm_) in data_rows.items():
+            ratio = f"{(ti + tm_) / sum(first):.3f}" if first else "-"
+            print(f"{k:>6}{ti:>10.3f}{tm_:>9.3f}{ratio:>11}")
     print(f"batch 0 (automatic) would train {auto} concepts at a time here (free memory "
           f"{mm.get_free_memory(dev) / 2**30:.1f} GiB)")
 
