@@ -163,3 +163,57 @@ def test_a_batch_larger_than_the_free_memory_is_lowered_and_announced(mods, tiny
         lines
     assert any("3 concepts, 1 at a time" in m for m in lines)
     _close(alone, got, "lowered")
+
+
+def test_out_of_memory_while_making_the_images_retries_smaller(mods, tiny, caplog, monkeypatch):
+    """The data phase falls back the same way: a sampler run of more than one concept's images fails (as CUDA's
+    allocator fails), the log says so, and each concept gets the images and masks it gets alone."""
+    model, clip = tiny
+    att = mods.att
+    real = att.generate_latents_batch
+
+    def one_at_most(model_, clip_, texts, *a, **k):
+        if len(texts) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real(model_, clip_, texts, *a, **k)
+
+    common = dict(steps=2, learning_rate=1e-2, images_per_concept=1, image_size=64, mask_source="attention",
+                  settings="custom", seed=3)
+    names = "Claude Monet\nTom Hanks\nEmma Watson"
+    with torch.inference_mode():
+        alone, _, _ = mods.train.train_concept_loras(model, clip, names, "celebrity", batch=1, **common)
+        monkeypatch.setattr(att, "generate_latents_batch", one_at_most)
+        with caplog.at_level(logging.WARNING, logger="MACE"):
+            got, _, _ = mods.train.train_concept_loras(model, clip, names, "celebrity", batch=3, **common)
+    assert any("3 concepts at a time did not fit in memory (training images and masks)" in r.getMessage()
+               for r in caplog.records)
+    _close(alone, got, "data retried", atol=1e-4, rtol=1e-3)
+
+
+def test_cancel_inside_a_batch_changes_nothing(mods, tiny, monkeypatch):
+    import comfy.model_management as mm
+
+    model, clip = tiny
+    before = snapshot(model)
+    real = mm.throw_exception_if_processing_interrupted
+    calls = []
+
+    def fire_on_fifth():
+        calls.append(1)
+        if len(calls) == 5:
+            mm.interrupt_current_processing(True)
+        real()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", fire_on_fifth)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            mods.train.train_concept_loras(model, clip, "Claude Monet\nTom Hanks\nEmma Watson", "celebrity",
+                                           steps=20, learning_rate=1e-2, latents=_lat(3), mask_source="whole image",
+                                           batch=3)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert 5 <= len(calls) < 20, "stopped mid-batch"
+    assert not any(lm.model.weight_wrapper_patches for lm in mm.current_loaded_models), "training clone unloaded"
+    after = model.model_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.model_options.get("transformer_options", {}).get("patches"), "no patch on the input model"
