@@ -13,6 +13,11 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/host/test_refine.p
 timeout 150 python3 bench/bench_refine.py --counts 1,10,100 2>&1 | grep -v Warning | tail -8 | tee "$out/refine.txt"
 timeout 90 python3 bench/bench_fuse.py --counts 1,10,100 2>&1 | tail -10 | tee "$out/fuse.txt"
 timeout 120 python3 bench/bench_train.py --sd15 --size 64 --threads 8 2>&1 | tail -14 | tee "$out/train.txt"
+# issue 18: many concepts per training step; batches that do not fit are reported, not crashed on
+timeout 150 python3 bench/bench_train_batch.py --model sd15 --size 64 --threads 8 --steps 5 --rounds 2 \
+  --data-batches 1,4 --images 4 2>&1 | tail -14 | tee "$out/train_batch_sd15.txt"
+timeout 180 python3 bench/bench_train_batch.py --model sdxl --size 128 --fp16 --threads 8 --batches 1,4,16 \
+  --steps 3 --rounds 1 --warmup 1 --data-batches 1,4 --images 2 2>&1 | tail -13 | tee "$out/train_batch_sdxl.txt"
 # issue 5's scaling run: refine and fuse at 1..1000 concepts on SD1.5-sized layers, then the 10-concept erase
 timeout 200 python3 bench/bench_scale.py --suffix _gpu 2>&1 | grep -v Warning | tail -22 | tee "$out/scale.txt"
 cp bench/out/scale_gpu.md bench/out/scale_gpu.png "$out/" 2>/dev/null

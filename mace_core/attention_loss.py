@@ -142,6 +142,14 @@ def attention_energy(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return weighted.sum() / (heads * mask.sum()).clamp_min(1e-6)
 
 
+def attention_energy_per_sample(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """attention_energy of each sample of the batch on its own: (b,). A batch of concepts trains on this, so each
+    concept's loss is normalised by its own mask, as when it trains alone."""
+    heads = probs.shape[1]
+    weighted = probs.float().square().sum(-1) * mask[:, None, :]
+    return weighted.sum((1, 2)) / (heads * mask.sum(1)).clamp_min(1e-6)
+
+
 def attention_mass(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean attention probability mass on the selected tokens over the masked pixels and heads (a measurement)."""
     heads = probs.shape[1]

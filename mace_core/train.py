@@ -161,6 +161,71 @@ def train_task(task: ConceptTask, cfg: TrainConfig, generator: torch.Generator,
     return losses
 
 
+class BatchTask(Protocol):
+    def parameters(self) -> list[torch.Tensor]:
+        """The trainable tensors, every one stacked over the batch's concepts (dimension 0 is the concept)."""
+
+    def losses(self, step: int, generators: list[torch.Generator]) -> torch.Tensor:
+        """(K,) each concept's loss of one step; concept k draws its randomness from generators[k] and its loss
+        depends on its own slice of the parameters only."""
+
+
+def same_optimiser(a: TrainConfig, b: TrainConfig) -> bool:
+    """Concepts that can share one stacked optimiser: AdamW is elementwise, so one AdamW over stacked factors is
+    one AdamW per concept exactly when their steps and hyperparameters agree (the seed is per concept anyway)."""
+    return (a.steps, a.learning_rate, a.weight_decay, a.max_grad_norm) == \
+        (b.steps, b.learning_rate, b.weight_decay, b.max_grad_norm)
+
+
+def clip_per_concept(params: list[torch.Tensor], max_norm: float):
+    """clip_grad_norm_ per concept on stacked parameters: concept k's gradients (slice k of every tensor) are scaled
+    by min(1, max_norm / (their joint norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ scales one concept's alone."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), 2, dim=1) for g in grads])  # (tensors, K)
+    total = torch.linalg.vector_norm(norms, 2, dim=0)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
+
+
+def train_batch(task: BatchTask, cfg: TrainConfig, generators: list[torch.Generator],
+                progress: Callable[[int], None] | None = None, names: list[str] | None = None) -> list[list[float]]:
+    """train_task for K concepts at once: the same cfg.steps AdamW steps, each concept on its own loss, with its own
+    optimiser state (slice k of one AdamW's elementwise state) and its own gradient clipping. The losses are summed
+    for one backward pass: each concept's loss depends on its own parameters only, so each gets exactly the gradient
+    it would get alone. Returns every concept's losses; `progress(K)` after each step (it may raise to cancel)."""
+    params = list(task.parameters())
+    k = len(generators)
+    names = names or [f"concept {i + 1}" for i in range(k)]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    losses: list[list[float]] = [[] for _ in range(k)]
+    for step in range(cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = task.losses(step, generators)
+        finite = torch.isfinite(loss)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            if step == 0:  # nothing has been learnt yet: the model, its sampling or the data give this, not the lr
+                raise FloatingPointError(f"MACE training loss of '{names[bad]}' is {loss[bad].item()} at the first "
+                                         "step, before any update: the model or its inputs give non-finite "
+                                         "attention (check the model's sampling type, dtype and the training "
+                                         "latents).")
+            so_far = ", ".join(f"{v:.3g}" for v in losses[bad][-3:])
+            raise FloatingPointError(f"MACE training loss of '{names[bad]}' became {loss[bad].item()} at step {step} "
+                                     f"(last losses {so_far}); the updates diverged: lower the learning rate.")
+        loss.sum().backward()
+        if cfg.max_grad_norm > 0:
+            clip_per_concept(params, cfg.max_grad_norm)
+        opt.step()
+        for i, v in enumerate(loss.detach().cpu().tolist()):
+            losses[i].append(float(v))
+        if progress:
+            progress(k)
+    return losses
+
+
 def train_concepts(count: int, make_task: Callable[[int, torch.Generator], ConceptTask], cfg: TrainConfig,
                    progress: Callable[[], None] | None = None) -> list[tuple[ConceptTask, list[float]]]:
     """Trains one task per concept index in order; make_task(index, generator) builds it (its fresh LoRA factors

@@ -362,3 +362,21 @@ class Progress:
 def check_cancel():
     mm.throw_exception_if_processing_interrupted()
 
+
+
+def free_memory(patcher, loaded: bool) -> float:
+    """Bytes a batch may still use on the model's device (ComfyUI's own count: free VRAM plus what torch caches, or
+    available RAM on the CPU); a model not yet loaded will take its size from that."""
+    free = mm.get_free_memory(patcher.load_device)
+    return free if loaded else free - patcher.model_size()
+
+
+def release_cached_memory():
+    """After a batch that did not fit: hand the allocator's cached blocks back before a smaller batch tries."""
+    mm.soft_empty_cache()
+
+
+def inference_memory(model, latent_shape) -> float:
+    """ComfyUI's estimate of one denoiser call's working memory at this latent batch shape (what its sampler plans
+    batches with)."""
+    return float(model.model.memory_required(list(latent_shape)))

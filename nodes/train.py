@@ -35,7 +35,8 @@ from ..mace_core.train import (
     concept_generator,
     concept_settings,
     init_lora,
-    train_task,
+    same_optimiser,
+    train_batch,
 )
 from . import attention, host
 from .inputs import concept_list_input, stage_list
@@ -123,6 +124,11 @@ class MACETrainConceptLoRA(io.ComfyNode):
                                        "steps, learning_rate or timestep_sampling changed from their defaults win "
                                        "over the preset. custom: steps, learning_rate and timestep_sampling as set, "
                                        "for every concept. The log lists what each concept used."),
+                io.Int.Input("batch", default=0, min=0, max=1024, optional=True,
+                             tooltip="How many concepts make their images and masks, and train, together (one "
+                                     "forward and backward pass for all of them). 0 = automatic: as many as the "
+                                     f"free memory holds, up to {AUTO_BATCH_MAX}. The LoRAs are the same whatever "
+                                     "the batch; a batch that does not fit is lowered, and the log says so."),
                 concept_list_input(),  # last: saved workflows keep their widget order
             ],
             outputs=[
@@ -143,11 +149,11 @@ class MACETrainConceptLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed,
                 timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0,
-                image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, concept_list=None):
+                image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, batch=0, concept_list=None):
         bundle, model_out, curves = train_concept_loras(
             model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed, timestep_sampling,
             images_per_concept, mask_source, latents, mask, image_size or 0, image_model, concept_file or "",
-            resume_folder or "", settings or PER_TYPE, concept_list)
+            resume_folder or "", settings or PER_TYPE, batch or 0, concept_list)
         return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
 
 
@@ -209,38 +215,158 @@ def _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_p
 
 
 def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
-                  progress, image_model=None, only=None) -> list[_ConceptData | None]:
+                  progress, image_model=None, only=None, batch=0) -> list[_ConceptData | None]:
     # Images and attention masks of the concept come from the model that still draws it (MACE makes its data with
     # the original model, then trains on the refined one).
     source = image_model if image_model is not None else model
     k = samples.shape[0] // len(items) if samples is not None else images_per_concept
     size = image_size or attention.default_image_size(model)
-    out = []
-    for i, c in enumerate(items):
-        if only is not None and i not in only:  # resumed from its file: no data needed
-            out.append(None)
-            continue
-        prompts = [p for v in c.variants() for p in attention.concept_prompts(clip, v, v.templates(), enc.end_id)]
+    todo = [i for i in range(len(items)) if only is None or i in only]  # the others resumed from their files
+    out: list[_ConceptData | None] = [None] * len(items)
+    modes = [mask_mode(mask_source, c.family, mask is not None) for c in items]
+    if mask is not None and todo and any(m != "given" for m in modes):
+        log.info("MACE train: mask_source '%s' ignores the connected mask", mask_source)
+
+    def prepare(chunk: list[int]):
+        # one sampler run for the chunk's images and one batch of forwards for its attention masks: concept i's data
+        # depend only on (seed, i), whatever the chunk (attention.generate_latents_batch, derive_masks_batch)
+        n = len(chunk)
         if samples is not None:
-            lat = samples[i * k:(i + 1) * k]
+            lats = {i: samples[i * k:(i + 1) * k] for i in chunk}
         else:
-            lat = attention.generate_latents(source, clip, attention.data_template(c).format(c.name), k, size,
-                                             seed + i, on_step=progress)
-        mode = mask_mode(mask_source, c.family, mask is not None)
-        if mask is not None and mode != "given" and i == 0:
-            log.info("MACE train: mask_source '%s' ignores the connected mask", mask_source)
-        if mode == "given":
-            m = mask[i * k:(i + 1) * k]
-        elif mode == "whole image":
-            m = torch.ones((k,) + tuple(lat.shape[-2:]))
-        else:
-            data_prompt = attention.concept_prompts(clip, c, [attention.data_template(c)], enc.end_id)[0]
-            m = attention.derive_masks(source, data_prompt, lat, seed=seed + i)
-        log.info("MACE train: '%s': %d images, mask %s (%.0f%% of pixels)", c.name, k, mode,
-                 100 * float(m.float().mean()))
-        out.append(_ConceptData(prompts, lat, m, mode))
-        progress()  # the mask (or the given data) done
+            texts = [attention.data_template(items[i]).format(items[i].name) for i in chunk]
+            made = attention.generate_latents_batch(source, clip, texts, k, size, [seed + i for i in chunk],
+                                                    on_step=lambda: progress(n))
+            lats = dict(zip(chunk, made))
+        masks = {}
+        for i in chunk:
+            if modes[i] == "given":
+                masks[i] = mask[i * k:(i + 1) * k]
+            elif modes[i] == "whole image":
+                masks[i] = torch.ones((k,) + tuple(lats[i].shape[-2:]))
+        derived = [i for i in chunk if i not in masks]
+        if derived:
+            prompts = [attention.concept_prompts(clip, items[i], [attention.data_template(items[i])], enc.end_id)[0]
+                       for i in derived]
+            masks.update(zip(derived, attention.derive_masks_batch(source, prompts, [lats[i] for i in derived],
+                                                                   [seed + i for i in derived])))
+        for i in chunk:
+            c = items[i]
+            log.info("MACE train: '%s': %d images, mask %s (%.0f%% of pixels)", c.name, k, modes[i],
+                     100 * float(masks[i].float().mean()))
+            # the concept's own prompts and nicknames join its type's templates (MACE Concept List)
+            prompts = [p for v in c.variants() for p in attention.concept_prompts(clip, v, v.templates(), enc.end_id)]
+            out[i] = _ConceptData(prompts, lats[i], masks[i], modes[i])
+        progress(n)  # the masks (or the given data) done
+
+    if todo:
+        size_now = batch or _data_batch(source, k, size, len(todo))
+        _in_batches([todo], size_now, prepare, "training images and masks", explicit=bool(batch))
     return out
+
+
+# ---------------------------------------------------------------- batches of concepts
+
+# The automatic batch's cap: on the tiny CPU model 16 -> 64 concepts cut the per-concept time only 15 % more
+# (bench_train_batch.py), while memory grows with every concept; GPU figures: bench/gpu_run.sh.
+AUTO_BATCH_MAX = 64
+MEMORY_SHARE = 0.7  # of the free memory a batch may plan to use: allocator slack, fragmentation, the estimate's error
+
+
+def _check_batch(batch):
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 0 <= batch <= 1024:
+        raise MaceInputError("batch", f"must be 0 (automatic) or a number of concepts from 1 to 1024, got {batch!r}.")
+
+
+_ONE_DOES_NOT_FIT = ("MACE train: out of memory with one concept at a time ({what}); lower image_size or "
+                     "images_per_concept, or free memory (close other models).")
+
+
+def _oom(e: BaseException) -> bool:
+    """An allocation failure a smaller batch may avoid: CUDA's OutOfMemoryError, or the CPU allocator's."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
+
+
+def _in_batches(groups: list[list[int]], size: int, run, what: str, explicit: bool):
+    """run(chunk) over consecutive chunks of at most `size` concepts of each group. An allocation failure retries the
+    failed chunk and everything after it at half the size (announced in the log): concept i's result depends only
+    on (seed, i), never on its chunk, and the chunks already done are kept (and, with a resume folder, saved)."""
+    for group in groups:
+        pos = 0
+        while pos < len(group):
+            chunk = group[pos:pos + size]
+            try:
+                run(chunk)
+            except Exception as e:
+                if not _oom(e) or len(chunk) == 1:
+                    if _oom(e):
+                        raise RuntimeError(_ONE_DOES_NOT_FIT.format(what=what)) from e
+                    raise
+                size = max(1, len(chunk) // 2)
+                log.warning("MACE train: %d concepts at a time did not fit in memory (%s)%s; going on with %d at a "
+                            "time", len(chunk), what, " at the batch input's size" if explicit else "", size)
+                host.release_cached_memory()
+                continue
+            pos += len(chunk)
+
+
+def _free_memory(patcher, loaded: bool) -> float:
+    return host.free_memory(patcher, loaded)
+
+
+def _data_batch(source, images: int, size: int, count: int) -> int:
+    """Concepts per sampler run for the training images: ComfyUI's own estimate of what one denoiser call on a
+    concept's images takes (the batch of `images` with CFG's unconditional half) against the free memory."""
+    ratio = getattr(source.model.latent_format, "spacial_downscale_ratio", 8)
+    shape = [2 * images, source.model.latent_format.latent_channels, size // ratio, size // ratio]
+    need = max(1.0, host.inference_memory(source, shape))
+    fit = int(MEMORY_SHARE * _free_memory(source, False) // need)
+    return max(1, min(AUTO_BATCH_MAX, count, fit))
+
+
+def _training_batch(tm, data: _ConceptData, up: dict, down: dict, asked: int, count: int) -> int:
+    """Concepts per training step, from what one and two concepts' forwards keep for backward (their saved tensors'
+    bytes, counted once per storage): the difference is what each concept of a batch adds, the rest is shared (the
+    weights, and their float32 copies when a 16- or 8-bit model computes in float32). Backward holds about as much
+    again in activation gradients while it runs. A `batch` input larger than fits is lowered, and the log says so."""
+
+    def saved_bytes(k: int) -> int:
+        total, seen = [0], set()
+
+        def pack(t):
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                total[0] += t.untyped_storage().nbytes()
+            return t
+
+        d = attention.ConceptData(data.prompts, data.latents, data.masks, "uniform")
+        task = attention.BatchTask(tm, [d] * k,
+                                   {n: torch.stack([v.detach()] * k).requires_grad_(True) for n, v in up.items()},
+                                   {n: torch.stack([v.detach()] * k).requires_grad_(True) for n, v in down.items()})
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                task.losses(0, [torch.Generator().manual_seed(0) for _ in range(k)])
+        except Exception as e:
+            if _oom(e):
+                raise RuntimeError(_ONE_DOES_NOT_FIT.format(what="training")) from e
+            raise
+        return total[0]
+
+    one = saved_bytes(1)
+    per_concept = max(1.0, 2.0 * (saved_bytes(2) - one)) if count > 1 or asked > 1 else 2.0 * one
+    shared = max(0.0, one - per_concept / 2)
+    free = _free_memory(tm.patcher, True)
+    fit = max(1, int((MEMORY_SHARE * free - shared) // per_concept))
+    if asked and asked > fit:
+        log.warning("MACE train: batch %d does not fit in free memory (about %.0f MiB per concept, %.0f MiB free): "
+                    "training %d at a time", asked, per_concept / 2**20, free / 2**20, fit)
+    chosen = min(asked, fit) if asked else min(AUTO_BATCH_MAX, fit)
+    log.info("MACE train: about %.0f MiB per concept in a training batch, %.0f MiB free", per_concept / 2**20,
+             free / 2**20)
+    return max(1, min(chosen, count))
 
 
 def _data_units(samples) -> int:
@@ -251,7 +377,8 @@ def _data_units(samples) -> int:
 def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DEFAULT_STEPS,
                         learning_rate=DEFAULT_LEARNING_RATE, rank=1, seed=0, timestep_sampling=DEFAULT_TIMESTEPS,
                         images_per_concept=8, mask_source="auto", latents=None, mask=None, image_size=0,
-                        image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, concept_list=None):
+                        image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, batch=0,
+                        concept_list=None):
     """Validate everything, make or take the data, train one LoRA per concept on a private clone, then build the
     bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Each concept trains with the
     steps, learning rate and timestep sampling that `settings` gives its type (mace_core.train.concept_settings).
@@ -261,6 +388,7 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
     items = list(stage_list(concept_list, "MACE Train", concepts, concept_type, anchor, concept_file).concepts)
     samples, mask = _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept,
                                   mask_source, latents, mask, image_size, model, settings)
+    _check_batch(batch)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
     check_concepts(items, enc)
@@ -286,7 +414,7 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
                 progress(cfgs[i].steps + units)
     todo = [i for i in range(len(items)) if loras[i] is None]
     data = _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
-                         progress, image_model, only=set(todo))
+                         progress, image_model, only=set(todo), batch=batch)
     t_data = time.perf_counter() - t0
 
     # the executor runs nodes under inference_mode; training needs autograd on a private clone
@@ -295,21 +423,8 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
         try:
             if tm is not None:
                 tm.load()
-            for i in todo:  # as mace_core.train.train_concepts, for the concepts not resumed
-                gen = concept_generator(seed, i)
-                up, down = init_lora(shapes, rank, gen, device=tm.device)
-                c, d, p = items[i], data[i], per[i]
-                task = attention.ConceptTask(tm, d.prompts, d.latents, d.masks, up, down, p.timestep_sampling)
-                losses = train_task(task, cfgs[i], gen, progress)
-                up = {k: v.detach().float().cpu() for k, v in task.up.items()}
-                down = {k: v.detach().float().cpu() for k, v in task.down.items()}
-                loras[i] = ConceptLoRA(c.name, c.anchor, c.family, next(iter(down.values())).shape[0], p.steps, up,
-                                       down, meta={"losses": losses, "learning_rate": p.learning_rate, "seed": seed,
-                                                   "timestep_sampling": p.timestep_sampling,
-                                                   "settings": settings, "source": p.source,
-                                                   "mask_source": d.mask_source, "images": int(d.latents.shape[0])})
-                if resume is not None:
-                    resume.save(i, loras[i])
+                _train_batches(tm, todo, items, data, per, cfgs, shapes, rank, seed, settings, loras, resume,
+                               progress, batch)
         finally:
             if tm is not None:
                 with torch.inference_mode():  # unload as the executor would: weights go back as inference tensors
@@ -323,6 +438,53 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
     log.info("MACE train: %d concepts, %d steps in all, in %.1fs (data %.1fs, %.2fs per concept of training)",
              len(items), sum(cfg.steps for cfg in cfgs), t_all, t_data, (t_all - t_data) / max(1, len(todo)))
     return bundle, model_out, {lora.concept: lora.meta["losses"] for lora in loras}
+
+
+def _train_batches(tm, todo, items, data, per, cfgs, shapes, rank, seed, settings, loras, resume, progress, batch):
+    """The concepts not resumed, K at a time: concepts whose steps and optimiser settings agree share a batch (one
+    stacked AdamW is then K exact per-concept AdamWs); each concept starts from the LoRA and generator it would have
+    alone (mace_core.train.concept_generator(seed, i)), so a batch gives the LoRAs single runs give. Each concept's
+    LoRA is stored, and with a resume folder saved, as soon as its batch is done."""
+    groups: list[list[int]] = []
+    for i in todo:
+        for g in groups:
+            if same_optimiser(cfgs[g[0]], cfgs[i]):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+
+    def start(i):
+        gen = concept_generator(seed, i)
+        up, down = init_lora(shapes, rank, gen, device=tm.device)
+        return gen, up, down
+
+    _, up0, down0 = start(todo[0])
+    size = _training_batch(tm, data[todo[0]], up0, down0, batch, max(len(g) for g in groups))
+    if len(todo) > 1:
+        log.info("MACE train: %d concepts, %d at a time%s", len(todo), size,
+                 f", in {len(groups)} groups of the same steps and learning rate" if len(groups) > 1 else "")
+
+    def run(chunk):
+        starts = [start(i) for i in chunk]
+        up = {k: torch.stack([s[1][k].detach() for s in starts]).requires_grad_(True) for k in shapes}
+        down = {k: torch.stack([s[2][k].detach() for s in starts]).requires_grad_(True) for k in shapes}
+        task = attention.BatchTask(tm, [attention.ConceptData(data[i].prompts, data[i].latents, data[i].masks,
+                                                              per[i].timestep_sampling) for i in chunk], up, down)
+        curves = train_batch(task, cfgs[chunk[0]], [s[0] for s in starts], progress, [items[i].name for i in chunk])
+        for b, i in enumerate(chunk):
+            c, d, p = items[i], data[i], per[i]
+            u = {k: v[b].detach().float().cpu() for k, v in up.items()}
+            dn = {k: v[b].detach().float().cpu() for k, v in down.items()}
+            loras[i] = ConceptLoRA(c.name, c.anchor, c.family, next(iter(dn.values())).shape[0], p.steps, u, dn,
+                                   meta={"losses": curves[b], "learning_rate": p.learning_rate, "seed": seed,
+                                         "timestep_sampling": p.timestep_sampling, "settings": settings,
+                                         "source": p.source, "mask_source": d.mask_source,
+                                         "images": int(d.latents.shape[0])})
+            if resume is not None:
+                resume.save(i, loras[i])
+
+    _in_batches(groups, size, run, "training", explicit=bool(batch))
 
 
 # ---------------------------------------------------------------- resumable runs

@@ -183,3 +183,67 @@ def test_explicit_without_names_is_the_papers_list():
         for family in ("celebrity", "style", "object"):
             with pytest.raises(MaceInputError, match="no concepts"):
                 parse("", family)
+
+
+# ---------------------------------------------------------------- many concepts in one step (issue 18)
+
+class _Lone:
+    """One concept's toy task: its LoRA should cancel a fixed projection; large targets make clipping act."""
+
+    def __init__(self, index, gen, scale):
+        self.w = torch.randn(5, 3, generator=torch.Generator().manual_seed(100 + index)) * scale
+        self.up, self.down = init_lora({"a": (5, 3), "b": (2, 3)}, 1, gen)
+
+    def parameters(self):
+        return [self.up["a"], self.up["b"], self.down["a"], self.down["b"]]
+
+    def loss(self, step, gen):
+        x = torch.randn(3, 4, generator=gen)
+        return ((self.w + self.up["a"] @ self.down["a"]) @ x).square().mean() + \
+            (self.up["b"] @ self.down["b"] @ x - 1).square().mean()
+
+
+class _Stacked:
+    """The same concepts as one batch task: stacked factors, each concept's loss from its own slice and generator."""
+
+    def __init__(self, lone):
+        self.lone = lone
+        self.up = {k: torch.stack([t.up[k].detach() for t in lone]).requires_grad_(True) for k in "ab"}
+        self.down = {k: torch.stack([t.down[k].detach() for t in lone]).requires_grad_(True) for k in "ab"}
+
+    def parameters(self):
+        return [self.up["a"], self.up["b"], self.down["a"], self.down["b"]]
+
+    def losses(self, step, gens):
+        out = []
+        for i, (t, g) in enumerate(zip(self.lone, gens)):
+            x = torch.randn(3, 4, generator=g)
+            out.append(((t.w + self.up["a"][i] @ self.down["a"][i]) @ x).square().mean() +
+                       (self.up["b"][i] @ self.down["b"][i] @ x - 1).square().mean())
+        return torch.stack(out)
+
+
+def test_a_batch_trains_each_concept_as_it_trains_alone():
+    """train_batch = train_task per concept: own generator, own AdamW state (slices of one elementwise AdamW), own
+    gradient clipping (scales differ, so clipping bites on some concepts and not on others)."""
+    from mace_core.train import concept_generator, train_batch, train_task
+
+    cfg = TrainConfig(steps=25, learning_rate=3e-2, seed=2)
+    scales = [0.1, 1.0, 30.0]
+    alone = []
+    for i, s in enumerate(scales):
+        gen = concept_generator(cfg.seed, i)
+        task = _Lone(i, gen, s)
+        alone.append((task, train_task(task, cfg, gen)))
+    gens = [concept_generator(cfg.seed, i) for i in range(3)]
+    lone = [_Lone(i, g, s) for i, (g, s) in enumerate(zip(gens, scales))]
+    stacked = _Stacked(lone)
+    calls = []
+    curves = train_batch(stacked, cfg, gens, calls.append)
+    assert calls == [3] * 25, "progress counts one unit per concept and step"
+    for i, (task, losses) in enumerate(alone):
+        assert curves[i] == pytest.approx(losses, rel=1e-5, abs=1e-7)
+        for k in "ab":
+            assert torch.allclose(stacked.up[k][i], task.up[k], atol=1e-6, rtol=1e-5), (i, k)
+            assert torch.allclose(stacked.down[k][i], task.down[k], atol=1e-6, rtol=1e-5), (i, k)
+    assert curves[2][-1] < curves[2][0]

@@ -117,8 +117,8 @@ def test_inputs_added_last_and_optional(pack):
     r = [i for i in pack[REFINE].define_schema().inputs]
     t = [i for i in pack[TRAIN].define_schema().inputs]
     assert [i.id for i in r][-1] == "concept_file" and r[-1].optional and r[-1].default == ""
-    assert [i.id for i in t][-3:] == ["concept_file", "resume_folder", "settings"]
-    assert all(i.optional for i in t[-3:])
+    assert [i.id for i in t][-4:] == ["concept_file", "resume_folder", "settings", "batch"]
+    assert all(i.optional for i in t[-4:])
     assert [i.id for i in r][:8] == ["model", "clip", "concepts", "concept_type", "anchor", "preserve",
                                      "preservation_strength", "lambda_"], "existing inputs keep their order"
 
@@ -258,22 +258,23 @@ RESUME_NAMES = ["Tom Hanks", "Claude Monet | style", "Mickey Mouse | object", "M
 
 
 def count_training(mods, monkeypatch) -> list:
-    """The concepts nodes/train.py actually trains, in order."""
-    trained, real = [], mods.train.train_task
+    """The concepts nodes/train.py actually trains, in order (one entry per concept of every batch started)."""
+    trained, real = [], mods.train.train_batch
 
-    def spy(task, *a, **k):
-        trained.append(task)
-        return real(task, *a, **k)
+    def spy(task, cfg, generators, *a, **k):
+        trained.extend(generators)  # one generator per concept of the batch
+        return real(task, cfg, generators, *a, **k)
 
-    monkeypatch.setattr(mods.train, "train_task", spy)
+    monkeypatch.setattr(mods.train, "train_batch", spy)
     return trained
 
 
-def _train(pack, model, clip, n, folder="", steps=2, seed=3):
+def _train(pack, model, clip, n, folder="", steps=2, seed=3, batch=0):
     lat = {"samples": torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(4))[:2 * n]}
     with torch.inference_mode():
         return pack[TRAIN].execute(model, clip, "\n".join(RESUME_NAMES[:n]), "celebrity", "", steps, 1e-2, 1, seed,
-                                   "uniform", 2, "whole image", latents=lat, resume_folder=folder).result[0]
+                                   "uniform", 2, "whole image", latents=lat, resume_folder=folder,
+                                   batch=batch).result[0]
 
 
 def exact_device() -> bool:
@@ -295,11 +296,14 @@ def _same(a, b):
         assert x.meta["losses"] == y.meta["losses"]
 
 
-def test_interrupted_training_resumes_where_it_stopped(pack, mods, tiny, loras_dir, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_interrupted_training_resumes_where_it_stopped(pack, mods, tiny, loras_dir, monkeypatch, batch):
+    """One concept at a time, or two per batch: each concept's file is written as soon as its batch is done, and a
+    rerun trains only the missing ones, to the LoRAs an uninterrupted run (with the same batches) gives."""
     import comfy.model_management as mm
 
     model, clip = tiny
-    full = _train(pack, model, clip, 4)  # uninterrupted, resume off
+    full = _train(pack, model, clip, 4, batch=batch)  # uninterrupted, resume off
 
     folder = loras_dir / "mace" / "run1"
     trained = count_training(mods, monkeypatch)
@@ -313,18 +317,18 @@ def test_interrupted_training_resumes_where_it_stopped(pack, mods, tiny, loras_d
     monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", stop_after_two)
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            _train(pack, model, clip, 4, "mace/run1")
+            _train(pack, model, clip, 4, "mace/run1", batch=batch)
     finally:
         mm.interrupt_current_processing(False)
         monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", real_check)
     files = sorted(p.name for p in folder.glob("*.safetensors"))
     assert files == ["claude-monet.safetensors", "tom-hanks.safetensors"], "each concept written when done"
-    assert len(trained) == 3, "stopped during the third concept"
+    assert len(trained) == 2 + batch, "stopped during the batch after the first two concepts"
     assert not list(folder.glob("*.tmp")), "no half-written file"
     mtimes = {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors")}
 
     trained.clear()
-    resumed = _train(pack, model, clip, 4, "mace/run1")
+    resumed = _train(pack, model, clip, 4, "mace/run1", batch=batch)
     assert len(trained) == 2, "only the two missing concepts are trained"
     assert {p.name: p.stat().st_mtime_ns for p in folder.glob("*.safetensors") if p.name in mtimes} == mtimes
     assert len(list(folder.glob("*.safetensors"))) == 4
@@ -332,27 +336,29 @@ def test_interrupted_training_resumes_where_it_stopped(pack, mods, tiny, loras_d
         _same(resumed, full)  # same seed: the same LoRAs as the uninterrupted run
 
     trained.clear()
-    again = _train(pack, model, clip, 4, "mace/run1")
+    again = _train(pack, model, clip, 4, "mace/run1", batch=batch)
     assert not trained, "everything loaded"
     _same(again, resumed)  # the files give back exactly what was trained, on any device
 
     trained.clear()
-    other = _train(pack, model, clip, 4, "mace/run1", steps=3)
+    other = _train(pack, model, clip, 4, "mace/run1", steps=3, batch=batch)
     assert len(trained) == 4, "files trained with other settings are not reused"
     assert all(lora.steps == 3 for lora in other.loras)
 
 
 def test_appending_concepts_trains_only_the_new_ones(pack, mods, tiny, loras_dir, monkeypatch):
+    # two concepts per batch in every run: the appended pair is then trained in the batch an uninterrupted run puts
+    # it in, so the LoRAs are bitwise equal (other batch sizes agree to float rounding: test_train_batch.py)
     model, clip = tiny
     trained = count_training(mods, monkeypatch)
-    first = _train(pack, model, clip, 2, "mace/run2")
+    first = _train(pack, model, clip, 2, "mace/run2", batch=2)
     assert len(trained) == 2
     trained.clear()
-    full = _train(pack, model, clip, 4, "mace/run2")
+    full = _train(pack, model, clip, 4, "mace/run2", batch=2)
     assert len(trained) == 2
     _same(type(full)(full.loras[:2], full.base), first)
     trained.clear()
-    plain = _train(pack, model, clip, 4)
+    plain = _train(pack, model, clip, 4, batch=2)
     assert len(trained) == 4
     if exact_device():
         _same(full, plain)  # the same as one uninterrupted run without a folder

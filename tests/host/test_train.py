@@ -47,13 +47,15 @@ def test_schema(pack):
     assert names[:16] == ["model", "clip", "concepts", "concept_type", "anchor", "steps", "learning_rate", "rank",
                           "seed", "timestep_sampling", "images_per_concept", "mask_source", "latents", "mask",
                           "image_size", "image_model"]
-    assert names[16:] == ["concept_file", "resume_folder", "settings", "concept_list"]
+    assert names[16:] == ["concept_file", "resume_folder", "settings", "batch", "concept_list"]
     assert all(i.tooltip for i in s.inputs)
-    assert [i.optional for i in s.inputs][-5:] == [True, True, True, True, True]
+    assert [i.optional for i in s.inputs][-6:] == [True] * 6
     defaults = {i.id: getattr(i, "default", None) for i in s.inputs}
     assert (defaults["steps"], defaults["learning_rate"], defaults["rank"], defaults["images_per_concept"]) == \
         (50, 1e-4, 1, 8)
-    settings = s.inputs[-2]
+    batch = s.inputs[-2]
+    assert (batch.default, batch.min) == (0, 0) and "automatic" in batch.tooltip
+    settings = s.inputs[-3]
     assert settings.options == ["per type (paper)", "custom"] and settings.default == "per type (paper)"
     # the presets are shown where the choice is made
     assert "explicit: lr 1e-5, 120 steps, uniform timesteps" in settings.tooltip and "custom" in settings.tooltip
@@ -244,8 +246,9 @@ def test_image_size_zero_follows_the_models_sampling_hint(mods, tiny, monkeypatc
     """image_size 0 makes training images at the model's own size: the hint a model carries (the concept world says
     64 px) over its family's (SD1.5's 512, 64x the pixels and off what the world learned)."""
     model, clip = tiny
-    real, latents = mods.att.generate_latents, []
-    monkeypatch.setattr(mods.att, "generate_latents", lambda *a, **k: latents.append(real(*a, **k)) or latents[-1])
+    real, latents = mods.att.generate_latents_batch, []
+    monkeypatch.setattr(mods.att, "generate_latents_batch",
+                        lambda *a, **k: latents.extend(real(*a, **k)) or latents[-1:])
     with torch.inference_mode():
         hinted = model.clone()
         hinted.model_options[mods.host.SAMPLING_HINT] = {"image_size": 64}
@@ -255,9 +258,11 @@ def test_image_size_zero_follows_the_models_sampling_hint(mods, tiny, monkeypatc
     assert [tuple(lat.shape[-2:]) for lat in latents] == [(8, 8)], "64 px images: 8x8 latents"
 
 
-def test_progress_covers_image_generation_masks_and_training(mods, tiny):
+@pytest.mark.parametrize("batch", [1, 0])
+def test_progress_covers_image_generation_masks_and_training(mods, tiny, batch):
     """The bar moves while the training images are sampled (each sampler step), after each concept's masks and at
-    every training step, and ends exactly full: a user sees the long phases move, not a bar stuck at zero."""
+    every training step, and ends exactly full: a user sees the long phases move, not a bar stuck at zero. A batch
+    of concepts moves it by one unit per concept at each step (batch 0: both concepts in one batch here)."""
     import comfy.utils
 
     model, clip = tiny
@@ -267,7 +272,7 @@ def test_progress_covers_image_generation_masks_and_training(mods, tiny):
         with torch.inference_mode():
             mods.train.train_concept_loras(model, clip, "Claude Monet\nVincent van Gogh", "style", steps=3,
                                            learning_rate=1e-2, images_per_concept=1, image_size=64,
-                                           mask_source="attention", settings="custom")
+                                           mask_source="attention", settings="custom", batch=batch)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     gen = mods.att.GEN_STEPS
@@ -275,7 +280,9 @@ def test_progress_covers_image_generation_masks_and_training(mods, tiny):
     assert seen and all(t == total for _, t in seen), seen[:3]
     values = [v for v, _ in seen]
     assert values == sorted(values) and values[-1] == total
-    assert values[:gen] == list(range(1, gen + 1)), "each sampler step of the first concept's images shows"
+    per = 1 if batch == 1 else 2
+    assert values[:gen] == list(range(per, per * gen + 1, per)), "each sampler step of the first images shows"
+    assert len(values) == (2 // per) * (gen + 1 + 3), "one update per sampler step, mask batch and training step"
 
 
 @pytest.mark.parametrize("kwargs,input_name", [
@@ -393,7 +400,7 @@ def test_saved_workflows_keep_loading_and_keep_their_values(pack, mods, tiny):
                                   "control_after_generate", "timestep_sampling", "images_per_concept",
                                   "mask_source", "image_size", "concept_file", "resume_folder"], \
         "the frontend assigns saved values by position: every old widget keeps its place"
-    assert names[len(SAVED):] == ["settings"]
+    assert names[len(SAVED):] == ["settings", "batch"]
     for values, lr in ((SAVED, 1e-4), (SAVED[:4] + [1e-2] + SAVED[5:], 1e-2)):
         inputs = {n: v for n, v in zip(names, values) if n != "control_after_generate"}
         inputs.update(model=["1", 0], clip=["1", 1])
