@@ -262,20 +262,22 @@ def test_a_nickname_and_own_prompts_reach_refinement(pack, mods, pack_module, ti
 def test_own_prompts_and_nicknames_reach_training_and_fusion(pack, mods, tiny, monkeypatch):
     model, clip = tiny
     seen = []
-    real = mods.att.ConceptTask
+    real = mods.att.ConceptData
 
-    def spy(tm, prompts, *a, **kw):
+    def spy(prompts, *a, **kw):  # the training data each concept's LoRA sees
         seen.append([p.text for p in prompts])
-        return real(tm, prompts, *a, **kw)
+        return real(prompts, *a, **kw)
 
-    monkeypatch.setattr(mods.att, "ConceptTask", spy)
+    monkeypatch.setattr(mods.att, "ConceptData", spy)
     cl = make(pack, "Claude Monet", preserve="", prompts="Claude Monet: water lilies by Claude Monet; Oscar Giverny")
     with torch.inference_mode():
         bundle = pack["MACETrainConceptLoRA"].execute(
             model=model, clip=clip, concepts="", concept_type="style", anchor="", steps=1, learning_rate=1e-3, rank=1,
             seed=0, timestep_sampling="uniform", images_per_concept=1, mask_source="whole image",
             latents=latents(1), concept_list=cl).result[0]
-    (texts,) = seen
+    # the batch-size probe builds the same data too: every copy carries the same prompts
+    texts = seen[-1]
+    assert all(t == texts for t in seen)
     assert "water lilies by Claude Monet" in texts and "water lilies by Oscar Giverny" in texts
     assert "a landscape by Oscar Giverny" in texts and "a landscape by Claude Monet" in texts
     assert len(texts) == 2 * (len(mods.concepts.TEMPLATES["style"]) + 1)

@@ -152,6 +152,8 @@ def shipped_at_test_size(name: str, checkpoint: Path) -> dict:
             inputs["steps"] = 2
         elif kind == "MACETrainConceptLoRA":
             inputs.update(steps=3, images_per_concept=2, image_size=64)
+        elif kind == "MACEErasureCheck":
+            inputs.update(steps=2, images_per_prompt=1, image_size=64)
     return api
 
 
@@ -186,6 +188,7 @@ def test_whole_pipeline_api_workflow_writes_images_and_erasure(server, server_ba
     assert error_text(entry) is None, error_text(entry)
     images = [img["filename"] for out in entry["outputs"].values() for img in out.get("images", [])]
     assert len([i for i in images if "_before" in i]) == 1 and len([i for i in images if "_after" in i]) == 1
+    assert len([i for i in images if "_check" in i]) == 1, ("the labelled before/after grid", images)
     loras = list((server_base / "models" / "loras").rglob("mace_erasure*.safetensors"))
     assert loras, "the erasure LoRA was written"
     from safetensors import safe_open
