@@ -10,6 +10,7 @@ from ..mace_core.concepts import parse_kept
 from ..mace_core.prior import prior_moment, prompt_set_version
 from ..mace_core.refine import refine
 from . import host
+from .pooled import EDIT_POOLED_DEFAULT, edit_pooled_input, pooled_deltas
 
 # Also re-exported: nodes/train.py still imports the shared inputs from here.
 from .inputs import concept_file_fingerprint, concept_file_input, concept_inputs, preserve_inputs, read_concepts  # noqa: F401,E501
@@ -42,6 +43,7 @@ class MACERefineCrossAttention(io.ComfyNode):
                 *concept_inputs(),
                 *preserve_inputs("the original", "edit"),
                 concept_file_input(),
+                edit_pooled_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with refined cross-attention, ready for KSampler.")],
         )
@@ -52,14 +54,14 @@ class MACERefineCrossAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_,
-                concept_file=""):
+                concept_file="", edit_pooled=EDIT_POOLED_DEFAULT):
         model_out = refine_model(model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_,
-                                 concept_file)
+                                 concept_file, edit_pooled)
         return io.NodeOutput(model_out)
 
 
 def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", preservation_strength=1.0,
-                 lambda_=0.01, concept_file=""):
+                 lambda_=0.01, concept_file="", edit_pooled=EDIT_POOLED_DEFAULT):
     """Parse, validate, solve, then patch a clone. Nothing is applied until every step has succeeded."""
     items = read_concepts(concepts, concept_type, anchor, concept_file)
     keep = parse_kept(preserve)
@@ -77,6 +79,8 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     current = host.CurrentWeights(model, keys, device)
     dtype = host.patch_dtype(host.original_weights(model, keys[:1])[keys[0]].dtype)
     deltas = {k: apply_transform(current[k], t).to(dtype) for k in keys}
+    if edit_pooled:
+        deltas.update(pooled_deltas(model, clip, items, keep, preservation_strength, lambda_))
     out = host.with_deltas(model, deltas)
     log.info("MACE refine: %d concepts, %d matrices in %.2fs", len(items), len(keys), time.perf_counter() - t0)
     return out
