@@ -198,8 +198,8 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
                       "clip": store.state_dict_f32(clip.cond_stage_model),
                       "vae": store.state_dict_f32(taesd), "classifier": store.state_dict_f32(cls)}
             meta = {"seed": seed, "preset": preset, "family": family, "spec": spec.as_dict(),
-                    "unet_config": configs[0], "clip_config": configs[1], "prediction": "v", "sampler": SamplerSettings().__dict__,
-                    "metrics": metrics}
+                    "unet_config": configs[0], "clip_config": configs[1], "prediction": "v",
+                    "sampler": SamplerSettings().__dict__, "metrics": metrics}
             world = _assemble(groups, meta, seed, preset, path)
             if (preset != "smoke") if evaluate is None else evaluate:
                 world.metrics["generation"] = evaluate_mod.draw_accuracy(world)

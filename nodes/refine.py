@@ -10,10 +10,10 @@ from ..mace_core.concepts import parse_kept
 from ..mace_core.prior import prior_moment, prompt_set_version
 from ..mace_core.refine import refine
 from . import host
-from .pooled import EDIT_POOLED_DEFAULT, edit_pooled_input, pooled_deltas
 
 # Also re-exported: nodes/train.py still imports the shared inputs from here.
 from .inputs import concept_file_fingerprint, concept_file_input, concept_inputs, preserve_inputs, read_concepts  # noqa: F401,E501
+from .pooled import EDIT_POOLED_DEFAULT, edit_pooled_input, pooled_deltas
 
 log = logging.getLogger("MACE")
 
