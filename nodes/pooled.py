@@ -44,3 +44,13 @@ def pooled_deltas(model, clip, items, keep, preservation_strength=1.0, lambda_=0
     log.info("MACE refine: pooled vector (%d wide) edited for %d concepts in %.2fs", t.shape[0], len(items),
              time.perf_counter() - t0)
     return {key: delta}
+
+
+def warn_if_pooled_edit_left_out(model, what: str):
+    """Log a warning when a consumer that reads only the cross-attention (MACE Save Erasure) meets a model that
+    carries a MACE pooled edit, so the user learns that the file holds less than the model does."""
+    if host.POOLED_KEY not in model.get_key_patches("diffusion_model."):
+        return
+    if host.mace_deltas(model, [host.POOLED_KEY]):
+        log.warning("MACE: %s holds the cross-attention change only; this model's pooled-vector edit (edit_pooled, "
+                    "%s) is not in it.", what, host.POOLED_KEY)

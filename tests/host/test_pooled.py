@@ -116,3 +116,12 @@ def test_mismatched_pooled_width_is_refused(pack, pack_module):
         clip = comfy_host.tiny_clip(family="sdxl", widths=(32, 96))  # context 128 as the model's, pooled 96
         with pytest.raises(errors.MaceInputError, match="pooled"):
             pack[REFINE].execute(model, clip, CONCEPT, "celebrity", "", "", 1.0, 0.01, "", True)
+
+
+def test_save_erasure_says_the_pooled_edit_is_not_in_the_file(pack_module, sdxl, caplog):
+    erasure = mod(pack_module, "nodes.erasure")
+    with caplog.at_level("WARNING", logger="MACE"), torch.inference_mode():
+        erasure.erasure_deltas(sdxl["off"])
+        assert "pooled-vector edit" not in caplog.text
+        deltas = erasure.erasure_deltas(sdxl["on"])
+    assert "pooled-vector edit" in caplog.text and KEY not in deltas
