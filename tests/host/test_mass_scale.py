@@ -116,7 +116,8 @@ def delta(patcher, key):
 def test_inputs_added_last_and_optional(pack):
     r = [i for i in pack[REFINE].define_schema().inputs]
     t = [i for i in pack[TRAIN].define_schema().inputs]
-    assert [i.id for i in r][-1] == "concept_file" and r[-1].optional and r[-1].default == ""
+    assert [i.id for i in r][-2] == "concept_file" and r[-2].optional and r[-2].default == ""
+    assert [i.id for i in r][-1] == "edit_pooled" and r[-1].optional and r[-1].default is False  # after concept_file
     assert [i.id for i in t][-3:] == ["concept_file", "resume_folder", "settings"]
     assert all(i.optional for i in t[-3:])
     assert [i.id for i in r][:8] == ["model", "clip", "concepts", "concept_type", "anchor", "preserve",
