@@ -11,6 +11,8 @@ Beside the table it lists the concepts behind each number: erased ones still dra
     python bench/eval_world.py                       # writes bench/out/eval_world.md (+ .json) and the grid
     python bench/eval_world.py --counts 1 --seeds 4  # quicker
     python bench/eval_world.py --text-width 96 --counts 8 --lr 2e-2 --no-grid --suffix _text96  # a wider world
+    python bench/eval_world.py --family sdxl --counts 8 --pooled both --no-grid --suffix _sdxl  # the SDXL world,
+                                                     # every pipeline with pooled editing off and on
 """
 
 import argparse
@@ -45,12 +47,22 @@ def boot():
 def run(mods, world, n, args):
     ee = mods["erasure_eval"]
     erased = ee.ORDER[:n]
-    settings = ee.Settings(steps=args.steps, lr=args.lr, images=args.images, strength=args.strength, lam=args.lam,
-                           preserve=args.preserve, keep_target=args.keep_target)
+    pooled = {"off": [False], "on": [True], "both": [False, True], "default": [None]}[args.pooled]
+    out, models = {}, {}
     t0 = time.perf_counter()
-    models = ee.erase(world, erased, settings)
-    with torch.inference_mode():
-        out = {p: ee.scores(world, m, erased, range(args.seeds), detail=True) for p, m in models.items()}
+    for edit_pooled in pooled:
+        settings = ee.Settings(steps=args.steps, lr=args.lr, images=args.images, strength=args.strength,
+                               lam=args.lam, preserve=args.preserve, keep_target=args.keep_target,
+                               edit_pooled=edit_pooled)
+        # without pooled editing the no-refine ablation is the same either way: run it once
+        pipelines = ee.PIPELINES if edit_pooled is not True or len(pooled) == 1 else ee.PIPELINES[1:4]
+        got = ee.erase(world, erased, settings, pipelines)
+        tag = "" if len(pooled) == 1 else (", pooled on" if edit_pooled else ", pooled off")
+        with torch.inference_mode():
+            for p, m in got.items():
+                name = p if p in (ee.ORIGINAL, ee.NO_REFINE) else p + tag
+                out[name] = ee.scores(world, m, erased, range(args.seeds), detail=True)
+                models[name] = m
     log.info("erased %d in %.0f s", n, time.perf_counter() - t0)
     return out, models
 
@@ -135,12 +147,21 @@ def main():
     ap.add_argument("--keep-target", default="input", choices=["input", "original"],
                     help="Fuse: hold generic prompts and kept concepts to the refined input or the original model")
     ap.add_argument("--suffix", default="", help="written as eval_world<suffix>.md / .json")
+    ap.add_argument("--family", default="sd15", choices=["sd15", "sdxl"],
+                    help="the world's architecture (sdxl: CLIP-L + CLIP-G, pooled vector, size conditioning)")
+    ap.add_argument("--pooled", default="default", choices=["default", "off", "on", "both"],
+                    help="Refine's edit_pooled (SDXL's pooled-vector road): the node's default, off, on, or both")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     mods = boot()
     w = mods["world"]
-    world = w.load(args.world_path) if args.world_path else w.load_or_train(args.world_seed, text_width=args.text_width)
+    if args.world_path:
+        world = w.load(args.world_path)
+    elif args.family == "sdxl":
+        world = w.load_or_train(args.world_seed, family="sdxl")
+    else:
+        world = w.load_or_train(args.world_seed, text_width=args.text_width)
     results = {}
     counts = [int(c) for c in args.counts.split(",")]
     for n in counts:
@@ -148,7 +169,8 @@ def main():
         log.info("\n%s\n%s", table({n: results[n]}), miss_list({n: results[n]}))
         if args.grid and n == max(counts):
             ee = mods["erasure_eval"]
-            grid(mods, world, ee.ORDER[:n], models[ee.ORIGINAL], models[ee.MACE], Path(str(GRID).format(args.suffix)))
+            mace = next(m for name, m in models.items() if name.startswith(ee.MACE))
+            grid(mods, world, ee.ORDER[:n], models[ee.ORIGINAL], mace, Path(str(GRID).format(args.suffix)))
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "threads"}

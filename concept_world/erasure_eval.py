@@ -43,6 +43,7 @@ class Settings:
     preserve: bool = True  # list the kept concepts in `preserve` (the generic prior applies either way)
     seed: int = 0
     keep_target: str = "input"  # Fuse: hold generic prompts to the refined input or the original model (paper)
+    edit_pooled: bool | None = None  # Refine: also edit SDXL's pooled-vector road (None: the node's default)
 
 
 def concept_lines(names) -> str:
@@ -106,8 +107,9 @@ def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES) -
         if ORIGINAL in pipelines:
             out[ORIGINAL] = base
         if {REFINE, SUMMED, MACE} & set(pipelines):
+            pooled = {} if s.edit_pooled is None else {"edit_pooled": s.edit_pooled}
             refined = refine.refine_model(base, clip, lines, "object", preserve=keep,
-                                          preservation_strength=s.strength, lambda_=s.lam)
+                                          preservation_strength=s.strength, lambda_=s.lam, **pooled)
             out[REFINE] = refined
             if {SUMMED, MACE} & set(pipelines):
                 bundle, out[SUMMED], _ = train.train_concept_loras(refined, clip, lines, "object", **train_kw)

@@ -1,4 +1,5 @@
-"""The world's networks, built from ComfyUI's own classes at toy width: an SD1.5 UNet and an SD1 CLIP-L text model.
+"""The world's networks, built from ComfyUI's own classes at toy width: an SD1.5 UNet and an SD1 CLIP-L text model,
+or (family "sdxl") an SDXL UNet with CLIP-L + CLIP-G text models, a pooled vector and size conditioning.
 
 ComfyUI never initialises weights (its ops skip reset_parameters), so every builder here takes a generator.
 """
@@ -81,7 +82,67 @@ def configs(text_width: int | None = None) -> tuple[dict, dict]:
     return dict(UNET_CONFIG, context_dim=w), clip
 
 
+# --- SDXL architecture ------------------------------------------------------------------------------------------
+FAMILIES = ("sd15", "sdxl")
+SIZE_EMBED = 6 * 256  # SDXL's y: pooled vector, then six 256-wide sinusoidal size embeddings (h, w, crops, targets)
+# Each SDXL text model is 32 wide (one 32-wide head, as the SD1.5 world's heads are 32 wide), so the UNet's context is
+# 64, as in the SD1.5 world, and the two worlds differ in architecture, not width. Three layers each: the family reads
+# the penultimate layer for the context and clip_g's last one for the pooled vector.
+SDXL_TEXT_WIDTHS = (32, 32)
+SDXL_TEXT_LAYERS = 3
+# ComfyUI's SDXL configuration sets 64-channel heads, which do not divide the toy's 32 channels; 16 gives 2 and 4 heads
+SDXL_HEAD_CHANNELS = 16
+
+
+def sdxl_configs(widths=SDXL_TEXT_WIDTHS) -> tuple[dict, dict]:
+    """(unet_config, {"clip_l": config, "clip_g": config}) of the SDXL world."""
+    wl, wg = (int(w) for w in widths)
+    text = []
+    for w in (wl, wg):
+        if w < HEAD_WIDTH or w % HEAD_WIDTH:
+            raise ValueError(f"text width must be a positive multiple of {HEAD_WIDTH}, got {w}")
+        text.append(dict(CLIP_CONFIG, hidden_size=w, intermediate_size=2 * w, projection_dim=w,
+                         num_attention_heads=w // HEAD_WIDTH, num_hidden_layers=SDXL_TEXT_LAYERS))
+    unet = dict(UNET_CONFIG, context_dim=wl + wg, use_linear_in_transformer=True, num_classes="sequential",
+                adm_in_channels=wg + SIZE_EMBED, num_head_channels=SDXL_HEAD_CHANNELS)
+    return unet, {"clip_l": text[0], "clip_g": text[1]}
+
+
+def family_of(unet_config: dict | None) -> str:
+    return "sdxl" if (unet_config or {}).get("num_classes") == "sequential" else "sd15"
+
+
 def new_base_model(unet_config: dict | None = None):
+    """The world's BaseModel: SD1.5 (see new_sd15_model) or, for an SDXL config (sdxl_configs), ComfyUI's SDXL model
+    class with the same v-prediction."""
+    if family_of(unet_config) == "sd15":
+        return new_sd15_model(unet_config)
+    import comfy.model_base
+    import comfy.supported_models
+
+    conf = comfy.supported_models.SDXL(dict(unet_config))
+    # the family's extra config has just set 64-channel heads; the world's own choice is in its config
+    conf.unet_config["num_head_channels"] = unet_config["num_head_channels"]
+    conf.unet_config["num_heads"] = -1
+    conf.set_inference_dtype(torch.float32, None)
+    return comfy.model_base.SDXL(conf, model_type=comfy.model_base.ModelType.V_PREDICTION)
+
+
+def init_label_emb_(unet, g):
+    """SDXL's first label-embedding layer reads [pooled | size embeddings]. In SDXL the pooled vector is 1280 of its
+    2816 inputs; at the toy's 32 of 1568 a plain 1/sqrt(fan_in) start would leave the text 2 % of the signal. Each
+    block starts with half the output variance instead, so the pooled vector is a real road into the UNet, as in
+    SDXL (and the road MACE's pooled editing must close)."""
+    lin = unet.label_emb[0][0]
+    pooled = lin.weight.shape[1] - SIZE_EMBED
+    with torch.no_grad():
+        w = torch.randn(lin.weight.shape, generator=g)
+        w[:, :pooled] /= (2 * pooled) ** 0.5
+        w[:, pooled:] /= (2 * SIZE_EMBED) ** 0.5
+        lin.weight.copy_(w)
+
+
+def new_sd15_model(unet_config: dict | None = None):
     """An SD1.5 BaseModel (ComfyUI class) with the world's UNet config, v-prediction, weights uninitialised.
 
     v-prediction, not SD1.5's epsilon: at high noise an epsilon model must reproduce its input exactly, and
@@ -105,11 +166,18 @@ def patcher(base_model):
 
 
 def new_clip(clip_config: dict | None = None):
-    """comfy.sd.CLIP for SD1 with the bundled tokenizer and the toy text model, weights uninitialised."""
+    """comfy.sd.CLIP for SD1 with the bundled tokenizer and the toy text model, weights uninitialised; for an SDXL
+    config ({"clip_l": ..., "clip_g": ...}) ComfyUI's SDXL tokenizer and text model pair."""
     import comfy.sd
     import comfy.sd1_clip
+    import comfy.sdxl_clip
     import comfy.supported_models_base
 
+    if clip_config is not None and "clip_g" in clip_config:
+        target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, comfy.sdxl_clip.SDXLClipModel)
+        return comfy.sd.CLIP(target, model_options={"dtype": torch.float32,
+                                                    "clip_l_model_config": dict(clip_config["clip_l"]),
+                                                    "clip_g_model_config": dict(clip_config["clip_g"])})
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     config = dict(CLIP_CONFIG if clip_config is None else clip_config)
     return comfy.sd.CLIP(target, model_options={"dtype": torch.float32, "clip_l_model_config": config})
@@ -143,6 +211,61 @@ def encode_ids(clip, ids, token_embeds=None):
         x = x + layer.self_attn(layer.layer_norm1(x), causal, attention)
         x = x + layer.mlp(layer.layer_norm2(x))
     return tm.final_layer_norm(x)
+
+
+def text_keys(clip) -> list[str]:
+    """The tokenizer keys of the world's text models: ["l"] (SD1.5) or ["l", "g"] (SDXL)."""
+    return ["l", "g"] if hasattr(clip.cond_stage_model, "clip_g") else ["l"]
+
+
+def text_model(clip, key):
+    return getattr(clip.cond_stage_model, f"clip_{key}").transformer
+
+
+def all_token_ids(clip, text) -> dict:
+    """{key: the 77 token ids} per text model (SDXL's clip_g pads with 0, clip_l with the end token)."""
+    tokens = clip.tokenize(text)
+    out = {}
+    for key in text_keys(clip):
+        chunks = tokens[key]
+        assert len(chunks) == 1 and all(w == 1.0 for _, w in chunks[0]), "world prompts: one chunk, no weights"
+        out[key] = [int(t[0]) for t in chunks[0]]
+    return out
+
+
+def _layers(tm, x, start, stop):
+    """Text layers start..stop-1 with out-of-place residuals (see encode_ids)."""
+    from comfy.ldm.modules.attention import optimized_attention_for_device
+
+    n = x.shape[1]
+    causal = torch.full((n, n), -torch.finfo(x.dtype).max, dtype=x.dtype).triu_(1)
+    attention = optimized_attention_for_device(x.device, mask=True, small_input=True)
+    for layer in tm.encoder.layers[start:stop]:
+        x = x + layer.self_attn(layer.layer_norm1(x), causal, attention)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x
+
+
+def encode_sdxl(clip, ids: dict, token_embeds: dict | None = None):
+    """Differentiable (context (B, 77, wl + wg), pooled (B, wg)) for token ids {"l": (B, 77), "g": (B, 77)}, equal to
+    what CLIPTextEncode gives an SDXL CLIP: each model's penultimate layer without the final norm, concatenated; the
+    pooled vector is clip_g's last layer, final norm, at the first end token, through its text projection."""
+    feats, pooled = [], None
+    for key in ("l", "g"):
+        model = text_model(clip, key)
+        tm = model.text_model
+        if token_embeds is None:
+            x = tm.embeddings(ids[key], dtype=torch.float32)
+        else:
+            x = token_embeds[key] + tm.embeddings.position_embedding.weight[: ids[key].shape[1]]
+        depth = len(tm.encoder.layers)
+        h = _layers(tm, x, 0, depth - 1)
+        feats.append(h)
+        if key == "g":  # clip_l's last layer feeds nothing the UNet reads (ComfyUI's SDXL takes clip_g's pooled)
+            y = tm.final_layer_norm(_layers(tm, h, depth - 1, depth))
+            end = (ids[key] == tm.eos_token_id).int().argmax(dim=-1)
+            pooled = model.text_projection(y[torch.arange(y.shape[0]), end])
+    return torch.cat(feats, dim=-1), pooled
 
 
 def sdpa_override(func, *args, **kwargs):

@@ -17,6 +17,9 @@ from safetensors.torch import save_file
 FORMAT = "mace-concept-world"
 # bump whenever training, rendering or the spec change: old files are then ignored, never loaded
 VERSION = 6
+# the SDXL-architecture world has its own count, so a change to one family's recipe leaves the other's files valid
+SDXL_VERSION = 1
+VERSIONS = {"sd15": VERSION, "sdxl": SDXL_VERSION}
 GROUPS = ("unet", "clip", "vae", "classifier")
 
 
@@ -26,10 +29,15 @@ def default_dir():
     return os.path.join(folder_paths.models_dir, "mace_world")
 
 
-def world_path(seed: int, preset: str = "full", directory=None, text_width=None):
+def world_path(seed: int, preset: str = "full", directory=None, text_width=None, family: str = "sd15"):
     directory = default_dir() if directory is None else str(directory)
     width = f"_text{int(text_width)}" if text_width else ""  # None: the default width, the file name it always had
-    return os.path.join(directory, f"concept_world_v{VERSION}_{preset}{width}_seed{int(seed)}.safetensors")
+    if family == "sd15":  # the name SD1.5 worlds always had
+        return os.path.join(directory, f"concept_world_v{VERSION}_{preset}{width}_seed{int(seed)}.safetensors")
+    if family not in VERSIONS:
+        raise ValueError(f"unknown world family {family!r}; one of {', '.join(VERSIONS)}")
+    return os.path.join(directory,
+                        f"concept_world_{family}_v{VERSIONS[family]}_{preset}{width}_seed{int(seed)}.safetensors")
 
 
 @contextlib.contextmanager
@@ -44,12 +52,13 @@ def locked(path):
 
 
 def save(path, groups: dict, meta: dict):
+    """meta["family"] (default "sd15") decides the version written."""
     tensors = {}
     for group, sd in groups.items():
         assert group in GROUPS, group
         for k, v in sd.items():
             tensors[f"{group}.{k}"] = v.detach().to("cpu").contiguous().clone()
-    metadata = {"format": FORMAT, "version": str(VERSION)}
+    metadata = {"format": FORMAT, "version": str(VERSIONS[meta.get("family", "sd15")])}
     metadata.update({k: json.dumps(v) for k, v in meta.items()})
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=metadata)
@@ -61,8 +70,10 @@ def load(path):
     groups = {g: {} for g in GROUPS}
     with safe_open(path, framework="pt", device="cpu") as f:
         raw = f.metadata() or {}
-        if raw.get("format") != FORMAT or raw.get("version") != str(VERSION):
-            raise ValueError(f"{path}: not a concept world v{VERSION} file")
+        family = json.loads(raw.get("family", '"sd15"'))  # SD1.5 files from before the SDXL world carry no family
+        want = VERSIONS.get(family)
+        if raw.get("format") != FORMAT or want is None or raw.get("version") != str(want):
+            raise ValueError(f"{path}: not a concept world file of the current version ({family} v{want})")
         for key in f.keys():
             group, _, name = key.partition(".")
             groups[group][name] = f.get_tensor(key)

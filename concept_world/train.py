@@ -94,22 +94,29 @@ def _train_diffusion(base, clip, preset, g, hooks):
     unet = base.diffusion_model
     text = clip.cond_stage_model
     table = prompt_table()
-    ids = {p: nets.token_ids(clip, p) for prompts in table for p in prompts}
-    # the world uses ~100 of the 49408 tokens: train a compact copy of their rows (a dense Adam step over the
-    # whole table would cost more than the text encoder itself) and write it back at the end
-    token_table = text.clip_l.transformer.text_model.embeddings.token_embedding.weight
-    vocab = sorted({i for seq in ids.values() for i in seq})
-    remap = torch.zeros(token_table.shape[0], dtype=torch.long)
-    remap[vocab] = torch.arange(len(vocab))
-    compact = torch.nn.Parameter(token_table.detach()[vocab].clone())
-    params = list(unet.parameters()) + [p for p in text.parameters() if p is not token_table] + [compact]
+    keys = nets.text_keys(clip)
+    sdxl = keys == ["l", "g"]
+    ids = {p: nets.all_token_ids(clip, p) for prompts in table for p in prompts}
+    # the world uses ~100 of the 49408 tokens: train a compact copy of their rows per text model (a dense Adam step
+    # over the whole table would cost more than the text encoder itself) and write it back at the end
+    tables, vocabs, remaps, compacts = {}, {}, {}, {}
+    for key in keys:
+        tables[key] = nets.text_model(clip, key).text_model.embeddings.token_embedding.weight
+        vocabs[key] = sorted({i for seq in ids.values() for i in seq[key]})
+        remaps[key] = torch.zeros(tables[key].shape[0], dtype=torch.long)
+        remaps[key][vocabs[key]] = torch.arange(len(vocabs[key]))
+        compacts[key] = torch.nn.Parameter(tables[key].detach()[vocabs[key]].clone())
+    table_ids = {id(t) for t in tables.values()}
+    params = (list(unet.parameters()) + [p for p in text.parameters() if id(p) not in table_ids]
+              + list(compacts.values()))
     head = None  # the text read-out (see TEXT_CLASS_WEIGHT); a training aid only, not saved
     if TEXT_CLASS_WEIGHT:
         target_of = {p: t for t, prompts in enumerate(table) for p in prompts}
         end_id = clip.tokenizer.clip_l.end_token
-        head = torch.nn.Linear(compact.shape[1], len(table))
+        width = sum(c.shape[1] for c in compacts.values())  # the context: the text models' widths side by side
+        head = torch.nn.Linear(width, len(table))
         with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) / compact.shape[1] ** 0.5)
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) / width ** 0.5)
             head.bias.zero_()
         params += list(head.parameters())
     for p in params:
@@ -134,11 +141,18 @@ def _train_diffusion(base, clip, preset, g, hooks):
             choices = table[t]
             prompts.append("" if d else choices[int(torch.randint(len(choices), (), generator=g))])
         uniq = sorted(set(prompts))
-        uniq_ids = torch.tensor([ids[p] for p in uniq])
-        ctx_u = nets.encode_ids(clip, uniq_ids, compact[remap[uniq_ids]])
-        ctx = ctx_u[torch.tensor([uniq.index(p) for p in prompts])]
+        uniq_ids = {k: torch.tensor([ids[p][k] for p in uniq]) for k in keys}
+        embeds = {k: compacts[k][remaps[k][uniq_ids[k]]] for k in keys}
+        if sdxl:
+            ctx_u, pooled_u = nets.encode_sdxl(clip, uniq_ids, embeds)
+        else:
+            ctx_u = nets.encode_ids(clip, uniq_ids["l"], embeds["l"])
+        which = torch.tensor([uniq.index(p) for p in prompts])
+        ctx = ctx_u[which]
+        # SDXL's y as sampling builds it (comfy.samplers passes the latent's size: 64 px): pooled vector + sizes
+        y = base.encode_adm(pooled_output=pooled_u[which], width=64, height=64) if sdxl else None
         if head is not None:
-            ends = torch.tensor([ids[p].index(end_id) for p in uniq])
+            ends = torch.tensor([ids[p]["l"].index(end_id) for p in uniq])
             logits = head(ctx_u[torch.arange(len(uniq)), ends])
             text_loss = F.cross_entropy(logits, torch.tensor([target_of[p] for p in uniq]))
         t_idx = torch.randint(0, len(sigmas), (b,), generator=g)
@@ -149,7 +163,7 @@ def _train_diffusion(base, clip, preset, g, hooks):
         scale = (sigma**2 + 1).sqrt()
         x_in = (z + sigma * eps) / scale
         v = (eps - sigma * z) / scale
-        pred = unet(x_in, t_idx.float(), context=ctx, transformer_options=topts)
+        pred = unet(x_in, t_idx.float(), context=ctx, y=y, transformer_options=topts)
         # the image error counts clamp(SNR, 1, 5) times (v-MSE counts it SNR + 1 times): min-SNR-5 (Hang et al.
         # 2023) keeps nearly clean steps from dominating, the floor of 1 (truncated SNR, Salimans & Ho 2022) keeps
         # the noisy steps, which decide what is drawn where, from being ignored
@@ -174,7 +188,8 @@ def _train_diffusion(base, clip, preset, g, hooks):
         for p, e in zip(params, ema):
             p.copy_(e)
             p.requires_grad_(False)
-        token_table[vocab] = compact.detach()
+        for key in keys:
+            tables[key][vocabs[key]] = compacts[key].detach()
     unet.eval()
     text.eval()
     return loss_ema
@@ -272,6 +287,8 @@ def _train_world(seed, preset, configs):
     g = _phase_gen(seed, 2)
     base = nets.new_base_model(configs[0])
     nets.init_unet_(base.diffusion_model, g)
+    if nets.family_of(configs[0]) == "sdxl":
+        nets.init_label_emb_(base.diffusion_model, g)
     clip = nets.new_clip(configs[1])
     nets.init_clip_(clip.cond_stage_model, g)
     loss = _train_diffusion(base, clip, preset, g, hooks)

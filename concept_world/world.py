@@ -37,12 +37,13 @@ class World:
     seed: int
     preset: str
     path: str
-    model: object  # comfy.model_patcher.ModelPatcher (SD1.5 UNet)
-    clip: object  # comfy.sd.CLIP (SD1 tokenizer, toy CLIP-L)
+    model: object  # comfy.model_patcher.ModelPatcher (SD1.5 or SDXL UNet)
+    clip: object  # comfy.sd.CLIP (SD1 tokenizer, toy CLIP-L; SDXL: toy CLIP-L + CLIP-G)
     vae: object  # comfy.sd.VAE (TAESD)
     classifier: classifier_mod.Classifier
     metrics: dict = field(default_factory=dict)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    family: str = "sd15"  # "sd15" or "sdxl" (architecture of model and clip)
     spec = spec  # concepts, families, synonyms, templates, anchors, class names
 
     # --- text -----------------------------------------------------------------------------------------------
@@ -128,7 +129,13 @@ def _assemble(groups, meta, seed, preset, path):
     missing, _ = clip.load_sd(groups["clip"], full_model=True)
     if missing:
         raise ValueError(f"{path}: text encoder keys missing: {missing[:4]}")
-    vae = comfy.sd.VAE(sd=groups["vae"])
+    vae_sd = groups["vae"]
+    family = nets.family_of(meta.get("unet_config"))
+    if family == "sdxl":
+        # the decoder was trained on the UNet's own latents; ComfyUI hands a VAE latents divided by the family's
+        # scale factor (SDXL 0.13025, not SD1.5's 0.18215), so the TAESD's own scale must be that one
+        vae_sd = dict(vae_sd, vae_scale=torch.tensor(float(base.latent_format.scale_factor)))
+    vae = comfy.sd.VAE(sd=vae_sd)
     cls = classifier_mod.Classifier()
     cls.load_state_dict(groups["classifier"])
     cls.eval().requires_grad_(False)
@@ -138,7 +145,7 @@ def _assemble(groups, meta, seed, preset, path):
     # its 64 px, not SD1.5's 512, which is 64x the pixels and off everything it learned
     model.model_options[SAMPLING_HINT] = {"image_size": LATENT_SHAPE[-1] * 8}
     return World(seed=seed, preset=preset, path=path, model=model, clip=clip, vae=vae, classifier=cls,
-                 metrics=meta.get("metrics", {}))
+                 metrics=meta.get("metrics", {}), family=family)
 
 
 def load(path, seed=0, preset="full"):
@@ -146,20 +153,31 @@ def load(path, seed=0, preset="full"):
     return _assemble(groups, meta, meta.get("seed", seed), meta.get("preset", preset), path)
 
 
-def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=None, text_width=None) -> World:
+def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=None, text_width=None,
+                  family: str = "sd15") -> World:
     """The world for a seed: loaded from <models>/mace_world/ when there, else trained (minutes) and saved.
 
     preset "full" is the real world; "smoke" trains for seconds and only proves the plumbing. cache_dir
     overrides the folder (tests use a temporary one for smoke worlds). evaluate (default: full preset only)
     measures how often the trained model draws the right concept and stores it in world.metrics. text_width (default
     nets.TEXT_WIDTH, 64) widens the text encoder and the UNet's context, to see what the world's width does to erasure.
+    family "sdxl" is the same world in SDXL's architecture (nets.sdxl_configs: CLIP-L + CLIP-G, pooled vector and size
+    conditioning), saved under its own file name.
     """
     from . import evaluate as evaluate_mod
     from . import train
 
-    configs = nets.configs(text_width)
-    width = configs[1]["hidden_size"]
-    path = store.world_path(seed, preset, cache_dir, None if width == nets.TEXT_WIDTH else width)
+    if family not in nets.FAMILIES:
+        raise ValueError(f"unknown world family {family!r}; one of {', '.join(nets.FAMILIES)}")
+    if family == "sdxl":
+        if text_width is not None:
+            raise ValueError("text_width is for the SD1.5 world; the SDXL world has its own widths")
+        configs = nets.sdxl_configs()
+        path = store.world_path(seed, preset, cache_dir, None, family)
+    else:
+        configs = nets.configs(text_width)
+        width = configs[1]["hidden_size"]
+        path = store.world_path(seed, preset, cache_dir, None if width == nets.TEXT_WIDTH else width)
     key = (path, os.path.getmtime(path) if os.path.exists(path) else None)
     if key[1] is not None and key in _cache:
         return _cache[key]
@@ -179,9 +197,9 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
             groups = {"unet": store.state_dict_f32(base.diffusion_model),
                       "clip": store.state_dict_f32(clip.cond_stage_model),
                       "vae": store.state_dict_f32(taesd), "classifier": store.state_dict_f32(cls)}
-            meta = {"seed": seed, "preset": preset, "spec": spec.as_dict(), "unet_config": configs[0],
-                    "clip_config": configs[1], "prediction": "v", "sampler": SamplerSettings().__dict__,
-                    "metrics": metrics}
+            meta = {"seed": seed, "preset": preset, "family": family, "spec": spec.as_dict(),
+                    "unet_config": configs[0], "clip_config": configs[1], "prediction": "v",
+                    "sampler": SamplerSettings().__dict__, "metrics": metrics}
             world = _assemble(groups, meta, seed, preset, path)
             if (preset != "smoke") if evaluate is None else evaluate:
                 world.metrics["generation"] = evaluate_mod.draw_accuracy(world)

@@ -1,8 +1,12 @@
-"""MACE Concept World: a tiny SD1.5-architecture model that really knows 20 made-up concepts, for trying erasure."""
+"""MACE Concept World: a tiny SD1.5- (or SDXL-) architecture model that really knows 20 made-up concepts, for trying
+erasure."""
 
 from comfy_api.latest import io
 
 from ..concept_world import world as concept_world
+
+# The family combo's choices -> concept_world's family names.
+FAMILIES = {"SD1.5": "sd15", "SDXL": "sdxl"}
 
 
 class MACEConceptWorld(io.ComfyNode):
@@ -17,24 +21,36 @@ class MACEConceptWorld(io.ComfyNode):
                 "synthetic world of 20 concepts (objects such as 'red lantern', people such as 'Alba Moreno', styles "
                 "such as 'dotwork style'), 64x64 pixels. Erase a concept and see it go. The first run for a seed "
                 "trains the world on the CPU (several minutes) and saves it under models/mace_world; later runs "
-                "load it."
+                "load it. family SDXL gives the same world in SDXL's architecture (two text encoders, a pooled "
+                "text vector and size conditioning)."
             ),
             inputs=[
                 # The frontend gives every INT named 'seed' a 'randomize after generate' control unless told not
                 # to; here a new seed means minutes of training a new world, so the seed changes only by hand.
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Which world: every seed trains (once) a different but equally capable model."),
+                # last, so workflows saved before it existed keep their widget values in order
+                io.Combo.Input("family", options=list(FAMILIES), default="SD1.5", optional=True,
+                               tooltip="The world's architecture. SD1.5: one CLIP-L text encoder. SDXL: CLIP-L + "
+                                       "CLIP-G, whose pooled vector also enters the UNet (with size conditioning), "
+                                       "as in SDXL. Each is trained once (minutes) and saved on its own."),
             ],
             outputs=[
-                io.Model.Output(tooltip="The world's SD1.5-architecture UNet (64x64 images, 8x8 latents)."),
-                io.Clip.Output(tooltip="The world's text encoder: SD1 tokenizer with a small CLIP-L text model."),
+                io.Model.Output(tooltip="The world's SD1.5- or SDXL-architecture UNet (64x64 images, 8x8 latents)."),
+                io.Clip.Output(tooltip="The world's text encoder: SD1 tokenizer with a small CLIP-L text model "
+                                       "(SDXL: small CLIP-L and CLIP-G)."),
                 io.Vae.Output(tooltip="The world's TAESD autoencoder (8x downscale)."),
             ],
         )
 
     @classmethod
-    def execute(cls, seed) -> io.NodeOutput:
-        world = concept_world.load_or_train(int(seed))
+    def execute(cls, seed, family="SD1.5") -> io.NodeOutput:
+        if family not in FAMILIES:
+            raise ValueError(f"MACE Concept World: family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        fam = FAMILIES[family]
+        # the SD1.5 world is loaded exactly as before the option existed (same call, same file)
+        world = concept_world.load_or_train(int(seed)) if fam == "sd15" else concept_world.load_or_train(
+            int(seed), family=fam)
         return io.NodeOutput(world.model, world.clip, world.vae)
 
 

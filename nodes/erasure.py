@@ -12,6 +12,7 @@ from . import host
 from .fuse import erased_concepts
 from .inputs import concept_list_input, stage_list
 from .loras import MaceLoras, inside, loras_root
+from .pooled import warn_if_pooled_edit_left_out
 
 log = logging.getLogger("MACE")
 
@@ -93,6 +94,7 @@ def erasure_deltas(model) -> dict:
     not current minus checkpoint weights, so a LoRA loaded upstream (or downstream) stays out of the erasure file."""
     keys = host.cross_attention_keys(model)
     deltas = {k: d for k, d in host.mace_deltas(model, keys, host.compute_device()).items() if bool(d.any())}
+    warn_if_pooled_edit_left_out(model, "the erasure file")
     if not deltas:
         raise MaceInputError("model", "this model's cross-attention carries no MACE change: there is no erasure to "
                                       "save.", "Connect the output of MACE Refine Cross-Attention or MACE Fuse LoRAs.")

@@ -219,6 +219,46 @@ def default_image_size(model) -> int:
     return 512
 
 
+# SDXL's label embedding: y = [pooled text vector | six 256-wide size embeddings] (comfy.model_base.SDXL.encode_adm)
+# enters through this linear layer (openaimodel.UNetModel, num_classes "sequential": label_emb[0][0])
+POOLED_KEY = "diffusion_model.label_emb.0.0.weight"
+SDXL_SIZE_EMBED = 6 * 256
+
+
+def pooled_key(model, clip) -> str | None:
+    """The weight key whose first `pooled width` input columns read the CLIP's pooled vector, or None where the
+    family has no such road (SD1.x/SD2.x, or a label embedding whose layout is not SDXL's [pooled | sizes])."""
+    import comfy.model_base
+
+    if not isinstance(model.model, comfy.model_base.SDXL):  # SDXLRefiner has 5 size embeddings and no CLIP-L
+        return None
+    patches = model.get_key_patches("diffusion_model.")
+    if POOLED_KEY not in patches:
+        return None
+    cols = patches[POOLED_KEY][0][0].shape[1]
+    width = pooled_width(clip)
+    if width is None or cols != width + SDXL_SIZE_EMBED:
+        raise MaceInputError("clip", f"this {clip_family(clip)} text encoder's pooled vector is {width} wide, but the "
+                                     f"SDXL model's label embedding reads {cols - SDXL_SIZE_EMBED} pooled values.",
+                             "Connect the CLIP loaded with this checkpoint (the same Load Checkpoint node).")
+    return POOLED_KEY
+
+
+def encode_pooled(clip, prompts: list[str]) -> torch.Tensor:
+    """(n, width) pooled vectors as CLIPTextEncode gives them (weights syntax off). One prompt per call: ComfyUI
+    returns the pooled vector of the first window only when several are encoded together."""
+    out = []
+    for p in prompts:
+        _, pooled = clip.encode_from_tokens(clip.tokenize(p, disable_weights=True), return_pooled=True)
+        out.append(pooled.reshape(1, -1).float())
+    return torch.cat(out)
+
+
+def pooled_width(clip) -> int | None:
+    _, pooled = clip.encode_from_tokens(clip.tokenize("a", disable_weights=True), return_pooled=True)
+    return None if pooled is None else int(pooled.shape[-1])
+
+
 def model_fingerprint(model) -> str:
     """Identifies the base weights of the cross-attention layers (to label files and check they fit)."""
     keys = cross_attention_keys(model)

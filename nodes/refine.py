@@ -20,6 +20,7 @@ from .inputs import (  # noqa: F401,E501
     read_concepts,
     stage_list,
 )
+from .pooled import EDIT_POOLED_DEFAULT, edit_pooled_input, pooled_deltas
 
 log = logging.getLogger("MACE")
 
@@ -55,6 +56,7 @@ class MACERefineCrossAttention(io.ComfyNode):
                 *concept_inputs(),
                 *preserve_inputs("the original", "edit"),
                 concept_file_input(),
+                edit_pooled_input(),
                 concept_list_input(),
             ],
             outputs=[io.Model.Output(tooltip="The model with refined cross-attention, ready for KSampler.")],
@@ -66,14 +68,14 @@ class MACERefineCrossAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_,
-                concept_file="", concept_list=None):
+                concept_file="", edit_pooled=EDIT_POOLED_DEFAULT, concept_list=None):
         model_out = refine_model(model, clip, concepts, concept_type, anchor, preserve, preservation_strength, lambda_,
-                                 concept_file, concept_list)
+                                 concept_file, edit_pooled, concept_list)
         return io.NodeOutput(model_out)
 
 
 def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", preservation_strength=1.0,
-                 lambda_=0.01, concept_file="", concept_list=None):
+                 lambda_=0.01, concept_file="", edit_pooled=EDIT_POOLED_DEFAULT, concept_list=None):
     """Parse, validate, solve, then patch a clone. Nothing is applied until every step has succeeded. A connected
     concept_list supplies the concepts, preserve and corpus (inputs.stage_list)."""
     cl = stage_list(concept_list, "MACE Refine", concepts, concept_type, anchor, concept_file, preserve)
@@ -92,6 +94,8 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     current = host.CurrentWeights(model, keys, device)
     dtype = host.patch_dtype(host.original_weights(model, keys[:1])[keys[0]].dtype)
     deltas = {k: apply_transform(current[k], t).to(dtype) for k in keys}
+    if edit_pooled:
+        deltas.update(pooled_deltas(model, clip, items, keep, preservation_strength, lambda_))
     out = host.with_deltas(model, deltas)
     log.info("MACE refine: %d concepts, %d matrices in %.2fs", len(items), len(keys), time.perf_counter() - t0)
     return out

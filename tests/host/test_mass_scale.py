@@ -116,9 +116,10 @@ def delta(patcher, key):
 def test_inputs_added_last_and_optional(pack):
     r = [i for i in pack[REFINE].define_schema().inputs]
     t = [i for i in pack[TRAIN].define_schema().inputs]
-    assert [i.id for i in r][-1] == "concept_file" and r[-1].optional and r[-1].default == ""
-    assert [i.id for i in t][-4:] == ["concept_file", "resume_folder", "settings", "batch"]
-    assert all(i.optional for i in t[-4:])
+    assert [i.id for i in r][-3:] == ["concept_file", "edit_pooled", "concept_list"] and all(i.optional for i in r[-3:])
+    assert r[-3].default == "" and r[-2].default is False
+    assert [i.id for i in t][-5:] == ["concept_file", "resume_folder", "settings", "batch", "concept_list"]
+    assert all(i.optional for i in t[-5:])
     assert [i.id for i in r][:8] == ["model", "clip", "concepts", "concept_type", "anchor", "preserve",
                                      "preservation_strength", "lambda_"], "existing inputs keep their order"
 

@@ -38,6 +38,11 @@ def smoke_world(cw, smoke_dir):
     return cw.load_or_train(seed=3, preset="smoke", cache_dir=smoke_dir)
 
 
+@pytest.fixture(scope="session")
+def sdxl_smoke_world(cw, smoke_dir):
+    return cw.load_or_train(seed=3, preset="smoke", cache_dir=smoke_dir, family="sdxl")
+
+
 def pytest_collection_modifyitems(config, items):
     # The full world trains once per machine (about 10 minutes on 2 cores) and is then loaded from ComfyUI's models
     # folder; MACE_FAST=1 skips what needs it, for quick local runs. CI runs everything.

@@ -1,0 +1,82 @@
+"""Pooled-vector editing: SDXL's second road for the text into the UNet.
+
+SDXL adds a pooled text vector to the timestep embedding through its label embedding: y = [pooled | size embeddings]
+goes into a first linear layer, W y = W_p pooled + W_s sizes. Cross-attention refinement leaves that road open, so an
+erased concept still steers every block through its pooled vector. The same closed form closes it: with the concept
+prompts' pooled vectors x, the anchor prompts' y, and generic / kept prompts' pooled vectors p held,
+
+    min_{W_p'}  sum |W_p' x - W_p y|^2 + s sum |W_p' p - W_p p|^2 + lam |W_p' - W_p|^2   ->   W_p' = W_p T
+
+with T from closed_form.refine_transform: one solve (pooled width squared), applied to the pooled columns only.
+"""
+
+from typing import Callable
+
+import torch
+
+from .closed_form import Moments, apply_transform, refine_transform
+from .concepts import TEMPLATES, Concept
+
+# list of prompts -> (n, pooled width) pooled vectors, exactly as the UNet receives them
+PooledEncoder = Callable[[list[str]], torch.Tensor]
+
+
+def pooled_moments(concepts: list[Concept], encode: PooledEncoder) -> Moments:
+    """Sums over (concept prompt, the same prompt with the anchor) pooled-vector pairs; one pair per template."""
+    m = None
+    anchors: dict[tuple[str, str], torch.Tensor] = {}
+    for c in concepts:
+        key = (c.anchor, c.family)
+        if key not in anchors:  # an anchor's prompts are shared by every concept mapped onto it
+            anchors[key] = encode(c.prompts(anchor=True))
+        old = encode(c.prompts())
+        if m is None:
+            m = Moments(old.shape[-1], device=old.device)
+        m.add(old, anchors[key])
+    return m
+
+
+def mean_moment(encode: PooledEncoder, prompts: list[str]) -> torch.Tensor | None:
+    """Mean p p^T over the prompts' pooled vectors (float64), None for no prompts."""
+    if not prompts:
+        return None
+    p = encode(prompts)
+    return Moments(p.shape[-1], device=p.device).add(p).mean_gram()
+
+
+def kept_prompts(kept, families) -> list[str]:
+    """The templated prompts of concepts to keep, as refinement's keep_moment builds them (the changed types'
+    templates, and a typed kept concept's own)."""
+    out = []
+    for k in kept:
+        name, family = (k, None) if isinstance(k, str) else k
+        for fam in dict.fromkeys(list(families) + ([family] if family else [])):
+            out += [t.format(name) for t in TEMPLATES[fam]]
+    return out
+
+
+def pooled_transform(concepts: list[Concept], encode: PooledEncoder, generic: list[str], preserve: list = (),
+                     prior_weight: float = 1.0, preserve_weight: float = 1.0, lam: float = 0.01) -> torch.Tensor:
+    """T (pooled width squared, float64) with W_p' = W_p T. Weights as in refine: the generic prompts' and the kept
+    concepts' mean moments count relative to the number of concept prompts, lam relative to their mean eigenvalue."""
+    edit = pooled_moments(concepts, encode)
+    total = None
+    if prior_weight > 0:
+        g = mean_moment(encode, list(generic))
+        total = None if g is None else prior_weight * g
+    if preserve_weight > 0:
+        k = mean_moment(encode, kept_prompts(list(preserve), [c.family for c in concepts]))
+        if k is not None:
+            total = preserve_weight * k if total is None else total + preserve_weight * k
+    return refine_transform(edit, total, 1.0, lam)
+
+
+def pooled_delta(w0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The change to the whole first label-embedding weight (out, pooled + sizes): W_p (T - I) in the pooled columns,
+    zero in the size columns (float32, on W's device)."""
+    n = t.shape[0]
+    if w0.ndim != 2 or w0.shape[1] < n:
+        raise ValueError(f"a {tuple(w0.shape)} weight has no {n} pooled columns")
+    delta = torch.zeros(w0.shape, dtype=torch.float32, device=w0.device)
+    delta[:, :n] = apply_transform(w0[:, :n], t)
+    return delta
