@@ -60,7 +60,7 @@ def make(pack, concepts=CONCEPTS, concept_type="style", anchor="", preserve=KEEP
 def refine(pack, model, clip, concepts="", concept_type="style", anchor="", preserve="", concept_list=None,
            strength=1.0):
     return pack["MACERefineCrossAttention"].execute(model, clip, concepts, concept_type, anchor, preserve, strength,
-                                                    0.01, "", concept_list).result[0]
+                                                    0.01, concept_file="", concept_list=concept_list).result[0]
 
 
 def deltas(mods, patched):
