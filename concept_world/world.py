@@ -19,7 +19,6 @@ from . import nets, segment, spec, store
 log = logging.getLogger(__name__)
 
 LATENT_SHAPE = (4, 8, 8)  # 64 x 64 pixels
-SAMPLING_HINT = "mace_sampling_hint"  # the model_options entry nodes/host.py default_image_size reads
 
 
 @dataclass
@@ -143,6 +142,8 @@ def _assemble(groups, meta, seed, preset, path):
     model.model_options["transformer_options"]["optimized_attention_override"] = nets.sdpa_override
     # how the world is meant to be sampled, for the pack's nodes that pick a picture size (nodes/host.py):
     # its 64 px, not SD1.5's 512, which is 64x the pixels and off everything it learned
+    from ..nodes.host import SAMPLING_HINT  # the entry host.default_image_size reads
+
     model.model_options[SAMPLING_HINT] = {"image_size": LATENT_SHAPE[-1] * 8}
     return World(seed=seed, preset=preset, path=path, model=model, clip=clip, vae=vae, classifier=cls,
                  metrics=meta.get("metrics", {}), family=family)

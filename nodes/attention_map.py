@@ -9,7 +9,7 @@ from comfy_api.latest import io
 from ..mace_core.attention_loss import resize_mask
 from ..mace_core.errors import MaceInputError
 from . import attention, host, picture, refine, sampling
-from .inputs import concept_list_input, stage_list
+from .inputs import concept_list_input, latent_samples, stage_list
 from .train import mask_mode
 
 log = logging.getLogger("MACE")
@@ -90,13 +90,7 @@ class MapResult:
 
 
 def _given_latents(latents, n, model):
-    samples = latents.get("samples") if isinstance(latents, dict) else None
-    if samples is None or samples.ndim != 4:
-        raise MaceInputError("latents", "expected an image LATENT (batch, channels, height, width).")
-    channels = model.model.latent_format.latent_channels
-    if samples.shape[1] != channels:
-        raise MaceInputError("latents", f"have {samples.shape[1]} channels; this model's latents have {channels}.",
-                             "Encode the pictures with this model's VAE.")
+    samples = latent_samples(latents, model)
     if samples.shape[0] not in (1, n):
         raise MaceInputError("latents", f"hold {samples.shape[0]} pictures for {n} concepts.",
                              "Give one per concept, in list order, or one for all.")

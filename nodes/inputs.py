@@ -99,3 +99,16 @@ def stage_list(concept_list, node: str, concepts=None, concept_type="celebrity",
 
 def corpus_fingerprint(corpus_file="", **_):
     return concept_files.fingerprint(folder_paths.get_input_directory(), corpus_file or "", concept_files.CORPUS_EXT)
+
+
+def latent_samples(latents, model, input_name: str = "latents"):
+    """The (batch, channels, H, W) samples of a connected LATENT, checked against the model's latent channels (Train
+    and Attention Map take given pictures; each then checks how many it needs)."""
+    samples = latents.get("samples") if isinstance(latents, dict) else None
+    if samples is None or samples.ndim != 4:
+        raise MaceInputError(input_name, "expected an image LATENT (batch, channels, height, width).")
+    channels = model.model.latent_format.latent_channels
+    if samples.shape[1] != channels:
+        raise MaceInputError(input_name, f"have {samples.shape[1]} channels; this model's latents have {channels}.",
+                             "Encode the images with this model's VAE.")
+    return samples

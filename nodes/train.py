@@ -39,7 +39,7 @@ from ..mace_core.train import (
     train_batch,
 )
 from . import attention, host
-from .inputs import concept_list_input, stage_list
+from .inputs import concept_list_input, latent_samples, stage_list
 from .loras import MaceLoras, inside, loras_root, slug
 from .refine import concept_file_fingerprint, concept_file_input, concept_inputs
 
@@ -188,13 +188,7 @@ def _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_p
                              f"Use one of: {', '.join(MASK_SOURCES)}.")
     samples = None
     if latents is not None:
-        samples = latents.get("samples") if isinstance(latents, dict) else None
-        if samples is None or samples.ndim != 4:
-            raise MaceInputError("latents", "expected an image LATENT (batch, channels, height, width).")
-        channels = model.model.latent_format.latent_channels
-        if samples.shape[1] != channels:
-            raise MaceInputError("latents", f"have {samples.shape[1]} channels; this model's latents have {channels}.",
-                                 "Encode the images with this model's VAE.")
+        samples = latent_samples(latents, model)
         if samples.shape[0] % len(items):
             raise MaceInputError("latents", f"hold {samples.shape[0]} images, not a multiple of the {len(items)} "
                                             "concepts.", "Give the same number of images for every concept, in the "

@@ -281,3 +281,21 @@ def tiny_flux(seed=0):
     _init_(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def interrupt_at_check(monkeypatch, n: int) -> list:
+    """Press ComfyUI's cancel at the n-th cancel check a node makes (the real check then raises, as in the UI).
+    Returns the list of checks made so far; the caller clears the interrupt flag when done."""
+    import comfy.model_management as mm
+
+    real = mm.throw_exception_if_processing_interrupted
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) == n:
+            mm.interrupt_current_processing(True)
+        real()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", check)
+    return calls

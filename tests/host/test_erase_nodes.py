@@ -132,16 +132,7 @@ def test_cancel_in_training_changes_nothing(m, small, monkeypatch):
 
     model, clip, _ = small
     before = state(model)
-    real = mm.throw_exception_if_processing_interrupted
-    calls = []
-
-    def fire_late():
-        calls.append(1)
-        if len(calls) == 40:  # past refinement and the training images, inside training
-            mm.interrupt_current_processing(True)
-        real()
-
-    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", fire_late)
+    calls = comfy_host.interrupt_at_check(monkeypatch, 40)  # past refinement and the training images, inside training
     hook = comfy.utils.PROGRESS_BAR_HOOK
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):

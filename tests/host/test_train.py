@@ -220,16 +220,7 @@ def test_cancel_mid_run_raises_comfy_interrupt_and_changes_nothing(mods, tiny, m
 
     model, clip = tiny
     before = state(model)
-    real = mm.throw_exception_if_processing_interrupted
-    calls = []
-
-    def fire_on_fifth():
-        calls.append(1)
-        if len(calls) == 5:
-            mm.interrupt_current_processing(True)
-        real()
-
-    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", fire_on_fifth)
+    calls = comfy_host.interrupt_at_check(monkeypatch, 5)
     lat = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):

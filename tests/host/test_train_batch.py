@@ -195,16 +195,7 @@ def test_cancel_inside_a_batch_changes_nothing(mods, tiny, monkeypatch):
 
     model, clip = tiny
     before = snapshot(model)
-    real = mm.throw_exception_if_processing_interrupted
-    calls = []
-
-    def fire_on_fifth():
-        calls.append(1)
-        if len(calls) == 5:
-            mm.interrupt_current_processing(True)
-        real()
-
-    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", fire_on_fifth)
+    calls = comfy_host.interrupt_at_check(monkeypatch, 5)
     try:
         with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
             mods.train.train_concept_loras(model, clip, "Claude Monet\nTom Hanks\nEmma Watson", "celebrity",
