@@ -72,14 +72,18 @@ TEXT_WIDTH = CLIP_CONFIG["hidden_size"]
 HEAD_WIDTH = 32  # text attention head width, kept when the text encoder is widened
 
 
-def configs(text_width: int | None = None) -> tuple[dict, dict]:
-    """(unet_config, clip_config) for a world whose text features (the UNet's context) are text_width wide."""
+def configs(text_width: int | None = None, head_channels: int | None = None) -> tuple[dict, dict]:
+    """(unet_config, clip_config) for a world whose text features (the UNet's context) are text_width wide;
+    head_channels sets the UNet's attention head width (default: SD15's 8 heads)."""
     w = TEXT_WIDTH if text_width is None else int(text_width)
     if w < HEAD_WIDTH or w % HEAD_WIDTH:
         raise ValueError(f"text width must be a positive multiple of {HEAD_WIDTH}, got {w}")
     clip = dict(CLIP_CONFIG, hidden_size=w, intermediate_size=2 * w, projection_dim=w,
                 num_attention_heads=w // HEAD_WIDTH)
-    return dict(UNET_CONFIG, context_dim=w), clip
+    unet = dict(UNET_CONFIG, context_dim=w)
+    if head_channels:
+        unet.update(num_heads=-1, num_head_channels=int(head_channels))
+    return unet, clip
 
 
 # --- SDXL architecture ------------------------------------------------------------------------------------------
@@ -152,7 +156,11 @@ def new_sd15_model(unet_config: dict | None = None):
     import comfy.model_base
     import comfy.supported_models
 
-    conf = comfy.supported_models.SD15(dict(UNET_CONFIG if unet_config is None else unet_config))
+    config = dict(UNET_CONFIG if unet_config is None else unet_config)
+    conf = comfy.supported_models.SD15(dict(config))
+    if config.get("num_heads") == -1:  # the world's own head width (SD15's extra config has just set 8 heads)
+        conf.unet_config["num_heads"] = -1
+        conf.unet_config["num_head_channels"] = config["num_head_channels"]
     conf.set_inference_dtype(torch.float32, None)
     return comfy.model_base.BaseModel(conf, model_type=comfy.model_base.ModelType.V_PREDICTION)
 

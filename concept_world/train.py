@@ -47,6 +47,16 @@ MIN_SNR_GAMMA = 5.0
 # neighbours). A linear read-out of each prompt's end-token feature that must name what the prompt draws plays CLIP's
 # part; its weight keeps it below the diffusion loss from the start (0.02 x ln 24 = 0.06 against about 0.2).
 TEXT_CLASS_WEIGHT = 0.02
+# Stable Diffusion's cross-attention is sharp: the start token takes 0.9-0.99 of every pixel's attention, and a
+# concept's own words take a share where the concept is drawn (prompt-to-prompt and DAAM measure this on SD 1.4).
+# A 64-wide toy trained for 1300 steps never gets there on its own: its attention stayed spread over 34-68 of the 77
+# tokens, its key projections where they started, and so there was nothing sharp for MACE's attention loss to cut
+# (docs/world_attention.md). This term asks the world for SD's shape: the cross-entropy of each pixel's attention
+# (averaged over heads) against a target that puts everything on the start token, except inside the drawn concept's
+# region (the whole picture for a style), where the concept's own words take OBJECT_SHARE.
+ATTENTION_PRIOR_WEIGHT = 0.05
+OBJECT_SHARE = 0.4
+CONTEXT_LENGTH = 77
 
 
 def _phase_gen(seed, phase):
@@ -66,13 +76,66 @@ def sample_targets(g, n):
 
 def prompt_table():
     """Per render target, the prompts it is trained under (concept names or family anchors in templates)."""
+    return [[p for p, _ in group] for group in _phrase_table()]
+
+
+def _phrase_table():
+    """prompt_table with each prompt's drawn phrase (the concept's name or the anchor): [[(prompt, phrase)]]."""
     table = []
     for c in CONCEPTS:
-        table.append([t.format(n) for n in c.names for t in TEMPLATES[c.family]])
+        table.append([(t.format(n), n) for n in c.names for t in TEMPLATES[c.family]])
     for fam in ("object", "person", "style"):
-        table.append([t.format(a) for a in ANCHORS[fam] for t in TEMPLATES[fam]])
-    table.append([""])  # blank background: only the empty prompt
+        table.append([(t.format(a), a) for a in ANCHORS[fam] for t in TEMPLATES[fam]])
+    table.append([("", "")])  # blank background: only the empty prompt
     return table
+
+
+def phrase_positions(clip, prompt: str, phrase: str) -> list[int]:
+    """Token positions of `phrase` inside `prompt` (the first occurrence), as the world's tokenizer splits them."""
+    if not phrase:
+        return []
+    ids = nets.token_ids(clip, prompt)
+    words = nets.token_ids(clip, phrase)
+    words = words[1:words.index(words[-1])]  # between the start token and the first end/pad token
+    for i in range(1, len(ids) - len(words) + 1):
+        if ids[i:i + len(words)] == words:
+            return list(range(i, i + len(words)))
+    raise ValueError(f"{phrase!r} not found in the tokens of {prompt!r}")
+
+
+class _AttentionRecorder:
+    """optimized_attention_override for world training: PyTorch SDPA for self-attention, and for cross-attention
+    (keys: the 77 text tokens) the softmax computed as a tensor, so its head-averaged maps (batch, pixels, 77)
+    can enter the attention prior with their gradient."""
+
+    def __init__(self):
+        self.maps = []
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        if k.shape[1] != CONTEXT_LENGTH or kwargs.get("skip_reshape") or (args and args[0] is not None):
+            return nets.sdpa_override(func, q, k, v, heads, *args, **kwargs)
+        b, n, inner = q.shape
+        d = inner // heads
+        qh, kh, vh = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        probs = torch.softmax((qh @ kh.transpose(-1, -2)).float() * d ** -0.5, dim=-1)
+        self.maps.append(probs.mean(1))
+        return (probs.to(vh.dtype) @ vh).transpose(1, 2).reshape(b, n, inner)
+
+
+def attention_prior_loss(maps, masks, objects):
+    """Cross-entropy of the recorded head-averaged cross-attention maps [(B, pixels, 77)] against the target (see
+    ATTENTION_PRIOR_WEIGHT). masks (B, 1, H, W) in [0, 1]: where the drawn concept is; objects (B, 77): each sample's
+    phrase tokens, summing to 1 (all zero for a prompt without one: the empty prompt, dropped for guidance)."""
+    terms = []
+    has = objects.sum(-1).view(-1, 1, 1)
+    start = torch.zeros_like(objects)
+    start[:, 0] = 1.0
+    for p in maps:
+        side = int(round(p.shape[1] ** 0.5))
+        m = F.adaptive_avg_pool2d(masks, (side, side)).flatten(1).unsqueeze(-1) * has  # (B, pixels, 1)
+        target = (1 - OBJECT_SHARE * m) * start[:, None] + OBJECT_SHARE * m * objects[:, None]
+        terms.append(-(target * (p + 1e-8).log()).sum(-1).mean())
+    return torch.stack(terms).mean()
 
 
 class _Hooks:
@@ -93,7 +156,8 @@ class _Hooks:
 def _train_diffusion(base, clip, preset, g, hooks):
     unet = base.diffusion_model
     text = clip.cond_stage_model
-    table = prompt_table()
+    phrases = _phrase_table()
+    table = [[p for p, _ in group] for group in phrases]
     keys = nets.text_keys(clip)
     sdxl = keys == ["l", "g"]
     ids = {p: nets.all_token_ids(clip, p) for prompts in table for p in prompts}
@@ -129,11 +193,21 @@ def _train_diffusion(base, clip, preset, g, hooks):
     ema = [p.detach().clone() for p in params]
     sigmas = base.model_sampling.sigmas.float()
     b = preset.diff_batch
-    topts = {"optimized_attention_override": nets.sdpa_override}
-    loss_ema = None
+    recorder = _AttentionRecorder() if ATTENTION_PRIOR_WEIGHT else None
+    topts = {"optimized_attention_override": recorder or nets.sdpa_override}
+    objects = {}  # prompt -> (77,) weights on its phrase's tokens
+    for group in phrases:
+        for p, phrase in group:
+            w = torch.zeros(CONTEXT_LENGTH)
+            where = phrase_positions(clip, p, phrase)
+            if where:
+                w[where] = 1.0 / len(where)
+            objects[p] = w
+    objects[""] = torch.zeros(CONTEXT_LENGTH)
+    loss_ema = prior_ema = None
     for step in range(preset.diff_steps):
         targets = sample_targets(g, b)
-        images, _ = render.render(targets, g)
+        images, masks = render.render(targets, g)
         z = autoencoder.latent_of(images)
         drop = (torch.rand(b, generator=g) < UNCOND_P).tolist()
         prompts = []
@@ -163,6 +237,8 @@ def _train_diffusion(base, clip, preset, g, hooks):
         scale = (sigma**2 + 1).sqrt()
         x_in = (z + sigma * eps) / scale
         v = (eps - sigma * z) / scale
+        if recorder is not None:
+            recorder.maps.clear()
         pred = unet(x_in, t_idx.float(), context=ctx, y=y, transformer_options=topts)
         # the image error counts clamp(SNR, 1, 5) times (v-MSE counts it SNR + 1 times): min-SNR-5 (Hang et al.
         # 2023) keeps nearly clean steps from dominating, the floor of 1 (truncated SNR, Salimans & Ho 2022) keeps
@@ -172,6 +248,11 @@ def _train_diffusion(base, clip, preset, g, hooks):
         loss = (weight * (pred.float() - v).pow(2).mean((1, 2, 3))).mean()
         if head is not None:
             loss = loss + TEXT_CLASS_WEIGHT * text_loss
+        if recorder is not None:
+            prior = attention_prior_loss(recorder.maps, masks, torch.stack([objects[p] for p in prompts]))
+            loss = loss + ATTENTION_PRIOR_WEIGHT * prior
+            recorder.maps.clear()
+            prior_ema = prior.item() if prior_ema is None else 0.98 * prior_ema + 0.02 * prior.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -182,7 +263,8 @@ def _train_diffusion(base, clip, preset, g, hooks):
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
         if (step + 1) % max(preset.diff_steps // 4, 1) == 0:
-            log.info("concept world: diffusion step %d/%d loss %.4f", step + 1, preset.diff_steps, loss_ema)
+            log.info("concept world: diffusion step %d/%d loss %.4f (attention prior %.3f)", step + 1,
+                     preset.diff_steps, loss_ema, prior_ema or 0.0)
         hooks(step)
     with torch.no_grad():
         for p, e in zip(params, ema):
