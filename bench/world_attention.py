@@ -56,6 +56,7 @@ def main():
     ap.add_argument("--concepts", type=int, default=8, help="how many of the evaluation order's concepts")
     ap.add_argument("--train", action="store_true", help="also train each concept's LoRA at the defaults")
     ap.add_argument("--preset", default="full", help="smoke: a seconds-old world, to try the bench itself")
+    ap.add_argument("--lr", type=float, default=None, help="a custom learning rate instead of the per-type presets")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "world_attention.json"))
     args = ap.parse_args()
@@ -70,8 +71,11 @@ def main():
     host = importlib.import_module(f"{pack}.nodes.host")
     concepts = importlib.import_module(f"{pack}.mace_core.concepts")
     world_mod, ee, spec = mods["world"], mods["erasure_eval"], mods["spec"]
-    world = (world_mod.load(args.world_path) if args.world_path else world_mod.load_or_train(args.world_seed, args.preset, cache_dir=(
-        "/tmp/mace_world_smoke" if args.preset == "smoke" else None)))
+    if args.world_path:
+        world = world_mod.load(args.world_path)
+    else:
+        smoke_dir = "/tmp/mace_world_smoke" if args.preset == "smoke" else None
+        world = world_mod.load_or_train(args.world_seed, args.preset, cache_dir=smoke_dir)
     model, clip = world.model, world.clip
     end_id = host.clip_encoder(clip).end_id
     names = ee.ORDER[: args.concepts]
@@ -124,7 +128,8 @@ def main():
                 prompts = att.concept_prompts(clip, concept, held, end_id)
                 mass0 = sum(att.concept_attention_mass(model, p, lat, mask, (150, 250, 350, 450, 650), seed=123)
                             for p in prompts) / len(prompts)
-                _, out, curves = train.train_concept_loras(model, clip, name, ee.TYPE[c.family])
+                custom = {} if args.lr is None else {"settings": "custom", "learning_rate": args.lr, "steps": 50}
+                _, out, curves = train.train_concept_loras(model, clip, name, ee.TYPE[c.family], **custom)
                 mass1 = sum(att.concept_attention_mass(out, p, lat, mask, (150, 250, 350, 450, 650), seed=123)
                             for p in prompts) / len(prompts)
                 loss = curves[name]

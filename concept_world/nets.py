@@ -51,10 +51,20 @@ def init_unet_(unet, g):
                 p.zero_()
 
 
-def init_clip_(clip_model, g):
+# CLIP-L's final-norm features, the context SD1.x's UNet reads, are 768 wide with entries of about unit size: each
+# token's vector has norm about sqrt(768) = 28. MACE's LoRA down matrix starts at a fixed scale whatever the width
+# (N(0, 1/rank^2)), so how far a LoRA step moves a key is proportional to that norm, and a 64-wide toy at unit entries
+# (norm 8) would be 3.5x harder to move than SD. The SD1.5 world's final norm therefore starts with gain
+# sqrt(768 / width), giving its tokens SD's norm; the UNet's key and value projections learn at that scale.
+CONTEXT_NORM_WIDTH = 768
+
+
+def init_clip_(clip_model, g, context_gain: float = 1.0):
     with torch.no_grad():
         for name, p in sorted(clip_model.named_parameters(), key=lambda kv: kv[0]):
-            if name.endswith("token_embedding.weight"):
+            if name.endswith("final_layer_norm.weight"):
+                p.fill_(context_gain)
+            elif name.endswith("token_embedding.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
             elif name.endswith("position_embedding.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)

@@ -54,9 +54,11 @@ TEXT_CLASS_WEIGHT = 0.02
 # (docs/world_attention.md). This term asks the world for SD's shape: the cross-entropy of each pixel's attention
 # (averaged over heads) against a target that puts everything on the start token, except inside the drawn concept's
 # region (the whole picture for a style), where the concept's own words take OBJECT_SHARE.
-ATTENTION_PRIOR_WEIGHT = 0.05
+ATTENTION_PRIOR_WEIGHT = 0.0  # off in the shipped worlds: measured worse for MACE (docs/world_attention.md)
 OBJECT_SHARE = 0.4
 CONTEXT_LENGTH = 77
+# True starts the SD1.5 world's text features at CLIP-L's norm (nets.CONTEXT_NORM_WIDTH); off in the shipped worlds
+CONTEXT_NORM = False
 
 
 def _phase_gen(seed, phase):
@@ -372,7 +374,11 @@ def _train_world(seed, preset, configs):
     if nets.family_of(configs[0]) == "sdxl":
         nets.init_label_emb_(base.diffusion_model, g)
     clip = nets.new_clip(configs[1])
-    nets.init_clip_(clip.cond_stage_model, g)
+    sdxl = nets.family_of(configs[0]) == "sdxl"
+    # the SD1.5 world's context is the final norm's output (see nets.CONTEXT_NORM_WIDTH); SDXL's is the penultimate
+    # layer's residual stream, which that norm does not touch (it feeds only the pooled vector there)
+    gain = 1.0 if sdxl or not CONTEXT_NORM else (nets.CONTEXT_NORM_WIDTH / configs[1]["hidden_size"]) ** 0.5
+    nets.init_clip_(clip.cond_stage_model, g, gain)
     loss = _train_diffusion(base, clip, preset, g, hooks)
     metrics["diffusion_loss"] = round(loss or 0.0, 5)
     metrics["time_diffusion_s"] = round(time.perf_counter() - t0, 1)
