@@ -389,14 +389,25 @@ def cached_tensor(name: str, make) -> torch.Tensor:
 # ---------------------------------------------------------------- progress
 
 class Progress:
-    """ComfyUI's progress bar plus the cancel check, as the plain callable mace_core loops expect."""
+    """ComfyUI's progress bar plus the cancel check, as the plain callable mace_core loops expect. Work that is
+    thrown away and done again (a batch retried smaller after running out of memory) is rewound, not counted twice:
+    the bar holds where it was until the redone work passes it, so it never moves back and is full only at the end."""
 
     def __init__(self, total: int):
         self.bar = comfy.utils.ProgressBar(max(1, total))
+        self.done = 0
+        self.shown = 0
 
     def __call__(self, n: int = 1):
         mm.throw_exception_if_processing_interrupted()
-        self.bar.update(n)
+        self.done += n
+        if self.done > self.shown:
+            self.shown = self.done
+            self.bar.update_absolute(self.shown)
+
+    def rewind(self, done: int):
+        """Back to `done` units (a value of .done read before the work now thrown away)."""
+        self.done = done
 
 
 def check_cancel():

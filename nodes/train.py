@@ -255,7 +255,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
 
     if todo:
         size_now = batch or _data_batch(source, k, size, len(todo))
-        _in_batches([todo], size_now, prepare, "training images and masks", explicit=bool(batch))
+        _in_batches([todo], size_now, prepare, "training images and masks", explicit=bool(batch), progress=progress)
     return out
 
 
@@ -283,17 +283,20 @@ def _oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e))
 
 
-def _in_batches(groups: list[list[int]], size: int, run, what: str, explicit: bool):
+def _in_batches(groups: list[list[int]], size: int, run, what: str, explicit: bool, progress: host.Progress):
     """run(chunk) over consecutive chunks of at most `size` concepts of each group. An allocation failure retries the
     failed chunk and everything after it at half the size (announced in the log): concept i's result depends only
-    on (seed, i), never on its chunk, and the chunks already done are kept (and, with a resume folder, saved)."""
+    on (seed, i), never on its chunk, and the chunks already done are kept (and, with a resume folder, saved). The
+    failed chunk's progress is rewound, so the retried steps are not counted twice."""
     for group in groups:
         pos = 0
         while pos < len(group):
             chunk = group[pos:pos + size]
+            mark = progress.done
             try:
                 run(chunk)
             except Exception as e:
+                progress.rewind(mark)
                 if not _oom(e) or len(chunk) == 1:
                     if _oom(e):
                         raise RuntimeError(_ONE_DOES_NOT_FIT.format(what=what)) from e
@@ -478,7 +481,7 @@ def _train_batches(tm, todo, items, data, per, cfgs, shapes, rank, seed, setting
             if resume is not None:
                 resume.save(i, loras[i])
 
-    _in_batches(groups, size, run, "training", explicit=bool(batch))
+    _in_batches(groups, size, run, "training", explicit=bool(batch), progress=progress)
 
 
 # ---------------------------------------------------------------- resumable runs

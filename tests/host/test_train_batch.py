@@ -127,6 +127,42 @@ def test_out_of_memory_in_a_batch_retries_smaller_and_keeps_every_lora(mods, tin
     _close(single, got, "after the retry")
 
 
+def test_out_of_memory_mid_batch_does_not_count_the_retried_steps_twice(mods, tiny, monkeypatch):
+    """A batch that runs out of memory after some of its steps (as a fragmenting GPU can) is retried smaller; the
+    progress bar neither moves back nor counts the thrown-away steps, so it is full only when the last step is done."""
+    import comfy.utils
+
+    model, clip = tiny
+    att = mods.att
+    real = att.denoise_forward
+    big = [0]
+
+    def fails_later(patcher, latent, *a, **k):
+        if torch.is_grad_enabled() and latent.shape[0] > 2:
+            big[0] += 1
+            if big[0] >= 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(patcher, latent, *a, **k)
+
+    monkeypatch.setattr(att, "denoise_forward", fails_later)
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    try:
+        with torch.inference_mode():
+            got, _, _ = mods.train.train_concept_loras(
+                model, clip, "Claude Monet\nTom Hanks\nEmma Watson\nBrad Pitt", "celebrity", batch=4,
+                latents=_lat(4), mask_source="whole image", steps=4, learning_rate=1e-2, settings="custom")
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert big[0] >= 3, "the batch of 4 never ran out of memory mid-way"
+    assert all(lora is not None for lora in got.loras)
+    values = [v for v, _ in seen]
+    total = seen[-1][1]
+    assert total == 4 * (4 + 1) and values[-1] == total, seen
+    assert values == sorted(values), ("the bar moved back", values)
+    assert values.index(total) == len(values) - 1, ("the bar was full before the last step", values)
+
+
 def test_one_concept_that_does_not_fit_says_so(mods, tiny, monkeypatch):
     model, clip = tiny
 
