@@ -61,6 +61,17 @@ CONTEXT_LENGTH = 77
 CONTEXT_NORM = False
 
 
+def training_options() -> dict:
+    """The trial options above as a world file records them: a cached world trained with other options is stale even
+    under the same version, so load_or_train retrains it rather than testing the wrong world. Files written before
+    these options existed carry none and were trained with them off."""
+    return {"attention_prior": ATTENTION_PRIOR_WEIGHT, "object_share": OBJECT_SHARE if ATTENTION_PRIOR_WEIGHT else 0.0,
+            "context_norm": bool(CONTEXT_NORM)}
+
+
+OPTIONS_OFF = {"attention_prior": 0.0, "object_share": 0.0, "context_norm": False}
+
+
 def _phase_gen(seed, phase):
     return torch.Generator().manual_seed(seed * 7919 + phase)
 

@@ -185,7 +185,11 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
     with store.locked(path):
         if os.path.exists(path):
             try:
-                world = load(path, seed, preset)
+                groups, meta = store.load(path)
+                if meta.get("training", train.OPTIONS_OFF) != train.training_options():
+                    raise ValueError(f"{path}: trained with options {meta.get('training', train.OPTIONS_OFF)}, "
+                                     f"not today's {train.training_options()}")
+                world = _assemble(groups, meta, meta.get("seed", seed), meta.get("preset", preset), path)
                 log.info("concept world: loaded %s", path)
             except ValueError as e:
                 log.warning("concept world: retraining, %s", e)
@@ -200,7 +204,7 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
                       "vae": store.state_dict_f32(taesd), "classifier": store.state_dict_f32(cls)}
             meta = {"seed": seed, "preset": preset, "family": family, "spec": spec.as_dict(),
                     "unet_config": configs[0], "clip_config": configs[1], "prediction": "v",
-                    "sampler": SamplerSettings().__dict__, "metrics": metrics}
+                    "sampler": SamplerSettings().__dict__, "metrics": metrics, "training": train.training_options()}
             world = _assemble(groups, meta, seed, preset, path)
             if (preset != "smoke") if evaluate is None else evaluate:
                 world.metrics["generation"] = evaluate_mod.draw_accuracy(world)

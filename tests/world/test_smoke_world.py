@@ -1,6 +1,7 @@
 """A smoke-size world (seconds of training) must already be a working set of ComfyUI MODEL / CLIP / VAE."""
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,27 @@ def test_second_call_loads_from_the_file(cw, smoke_world, smoke_dir):
     sd_b = again.model.model.diffusion_model.state_dict()
     assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
     assert cw.load_or_train(seed=3, preset="smoke", cache_dir=smoke_dir) is again  # in-memory reuse
+
+
+def test_a_world_trained_with_other_options_is_retrained(cw, smoke_world, tmp_path, monkeypatch, caplog):
+    """A cached file of the same version but trained with a trial option (here the context-norm start) is not the
+    world today's code trains: it is retrained, not loaded, and the new file records the options it was trained with."""
+    import logging
+    import shutil
+
+    store = pack_import("concept_world.store")
+    train = pack_import("concept_world.train")
+    world_mod = pack_import("concept_world.world")
+    path = tmp_path / Path(smoke_world.path).name
+    shutil.copy(smoke_world.path, path)
+    assert store.load(str(path))[1]["training"] == train.OPTIONS_OFF
+    monkeypatch.setattr(train, "CONTEXT_NORM", True)
+    world_mod._cache.clear()
+    with caplog.at_level(logging.WARNING):
+        again = cw.load_or_train(seed=3, preset="smoke", cache_dir=str(tmp_path))
+    assert any("retraining" in r.getMessage() and "context_norm" in r.getMessage() for r in caplog.records)
+    assert store.load(again.path)[1]["training"]["context_norm"] is True
+    world_mod._cache.clear()
 
 
 def test_training_context_is_what_comfyui_encodes(smoke_world):
