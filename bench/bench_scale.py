@@ -52,7 +52,7 @@ from _common import (
 
 OUT = ROOT / "bench" / "out"
 log = logging.getLogger("bench")
-FAMILIES = ("celebrity", "style", "object", "explicit")
+CONCEPT_TYPES = ("celebrity", "style", "object", "explicit")
 
 
 _FIRST = ["Ba", "Ke", "Lo", "Mi", "Nu", "Ra", "Se", "To", "Vi", "Zo"]
@@ -65,7 +65,8 @@ def concepts(core, n):
     """n distinct names, the four types in turn, each with its type's default anchor."""
     names = [f"{a}{b} {s}" for a, b, s in itertools.product(_FIRST, _SECOND, _SURNAMES)]
     C = core.concepts
-    return [C.Concept(name, C.DEFAULT_ANCHORS[FAMILIES[i % 4]], FAMILIES[i % 4]) for i, name in enumerate(names[:n])]
+    types = [CONCEPT_TYPES[i % 4] for i in range(n)]
+    return [C.Concept(name, C.DEFAULT_ANCHORS[t], t) for name, t in zip(names[:n], types)]
 
 
 # ---------------------------------------------------------------- one measurement (child process)
@@ -155,7 +156,7 @@ def measure_e2e(n, device):
     refine, train, fuse = (sys.modules[f"{pack}.nodes.{m}"] for m in ("refine", "train", "fuse"))
     core = load_core()
     items = concepts(core, n)
-    lines = "\n".join(f"{c.name} | {c.family}" for c in items)
+    lines = "\n".join(f"{c.name} | {c.concept_type}" for c in items)
     keep = "\n".join(f"{a}{b} Kowalski" for a in _FIRST[:3] for b in _SECOND[:3])
     times = {}
     with torch.inference_mode():

@@ -17,9 +17,9 @@ from . import evaluate, spec
 
 log = logging.getLogger(__name__)
 
-# The world's families as MACE concept types.
+# The world's concept types as MACE's (the world calls its people 'person').
 TYPE = {"object": "object", "person": "celebrity", "style": "style"}
-# Erasure order: families interleaved, so every count mixes them (fixed, so runs compare).
+# Erasure order: concept types interleaved, so every count mixes them (fixed, so runs compare).
 ORDER = ["Tomas Lindqvist", "red lantern", "dotwork style", "golden crown", "Priya Raman", "mosaic tile style",
          "green cactus", "Nadia Okafor"]
 
@@ -48,7 +48,7 @@ class Settings:
 
 def concept_lines(names) -> str:
     """The nodes' concept box for these world concepts: `name | type` per line."""
-    return "\n".join(f"{n} | {TYPE[spec.CONCEPTS[spec.concept_index(n)].family]}" for n in names)
+    return "\n".join(f"{n} | {TYPE[spec.CONCEPTS[spec.concept_index(n)].concept_type]}" for n in names)
 
 
 def harmonic(acc_e, acc_g, acc_s, eps=1e-6) -> float:

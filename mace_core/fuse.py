@@ -26,7 +26,7 @@ from typing import Callable, Iterable
 import torch
 
 from .closed_form import ACC, acc_device, ridge_scale, to_acc
-from .concepts import Concept, check_family
+from .concepts import Concept, check_concept_type
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
 from .refine import keep_moment
@@ -64,9 +64,9 @@ def concept_of(lora: ConceptLoRA, known: dict[str, Concept] | None = None) -> Co
     """The LoRA's concept; from `known` (name -> Concept, e.g. a concept list) when it lists the same concept with the
     same anchor and type, so the user's own prompts and nicknames weigh in fusion too."""
     c = (known or {}).get(lora.concept.lower())
-    if c is not None and (c.anchor, c.family) == (lora.anchor, lora.family):
+    if c is not None and (c.anchor, c.concept_type) == (lora.anchor, lora.concept_type):
         return c
-    return Concept(lora.concept, lora.anchor, lora.family)
+    return Concept(lora.concept, lora.anchor, lora.concept_type)
 
 
 def check_loras(loras: list[ConceptLoRA], shapes: dict[str, tuple], input_name: str = "loras"):
@@ -79,7 +79,7 @@ def check_loras(loras: list[ConceptLoRA], shapes: dict[str, tuple], input_name: 
         if not lora.concept.strip():
             raise MaceInputError(input_name, "a LoRA has no concept name.",
                                  "Load foreign LoRA files with 'file => concept' lines.")
-        check_family(lora.family, input_name)
+        check_concept_type(lora.concept_type, input_name)
         if not lora.up:
             raise MaceInputError(input_name, f"{who} has no weights.")
         for k in lora.keys:
@@ -176,8 +176,8 @@ def fuse(
     p = None
     if prior is not None and prior_weight > 0:
         p = prior_weight * count * to_acc(prior, device)
-    families = [lora.family for lora in loras]
-    keep = keep_moment(list(preserve), families, enc) if preserve and preserve_weight > 0 else None
+    concept_types = [lora.concept_type for lora in loras]
+    keep = keep_moment(list(preserve), concept_types, enc) if preserve and preserve_weight > 0 else None
     if keep is not None:
         kp = preserve_weight * count * to_acc(keep, device)
         p = kp if p is None else p + kp

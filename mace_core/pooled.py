@@ -26,7 +26,7 @@ def pooled_moments(concepts: list[Concept], encode: PooledEncoder) -> Moments:
     m = None
     anchors: dict[tuple[str, str], torch.Tensor] = {}
     for c in concepts:
-        key = (c.anchor, c.family)
+        key = (c.anchor, c.concept_type)
         if key not in anchors:  # an anchor's prompts are shared by every concept mapped onto it
             anchors[key] = encode(c.prompts(anchor=True))
         old = encode(c.prompts())
@@ -44,14 +44,14 @@ def mean_moment(encode: PooledEncoder, prompts: list[str]) -> torch.Tensor | Non
     return Moments(p.shape[-1], device=p.device).add(p).mean_gram()
 
 
-def kept_prompts(kept, families) -> list[str]:
+def kept_prompts(kept, concept_types) -> list[str]:
     """The templated prompts of concepts to keep, as refinement's keep_moment builds them (the changed types'
     templates, and a typed kept concept's own)."""
     out = []
     for k in kept:
-        name, family = (k, None) if isinstance(k, str) else k
-        for fam in dict.fromkeys(list(families) + ([family] if family else [])):
-            out += [t.format(name) for t in TEMPLATES[fam]]
+        name, concept_type = (k, None) if isinstance(k, str) else k
+        for ctype in dict.fromkeys(list(concept_types) + ([concept_type] if concept_type else [])):
+            out += [t.format(name) for t in TEMPLATES[ctype]]
     return out
 
 
@@ -65,7 +65,7 @@ def pooled_transform(concepts: list[Concept], encode: PooledEncoder, generic: li
         g = mean_moment(encode, list(generic))
         total = None if g is None else prior_weight * g
     if preserve_weight > 0:
-        k = mean_moment(encode, kept_prompts(list(preserve), [c.family for c in concepts]))
+        k = mean_moment(encode, kept_prompts(list(preserve), [c.concept_type for c in concepts]))
         if k is not None:
             total = preserve_weight * k if total is None else total + preserve_weight * k
     return refine_transform(edit, total, 1.0, lam)

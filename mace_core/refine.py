@@ -23,7 +23,7 @@ def edit_moments(concepts: list[Concept], enc: TextEncoder, progress: Callable[[
     groups: dict[tuple, list[Concept]] = {}
     for c in concepts:
         # concepts with own prompts or nicknames have their own anchor prompt list (prompts pair by position)
-        groups.setdefault((c.anchor, c.family, c.extra, len(c.aliases)), []).append(c)
+        groups.setdefault((c.anchor, c.concept_type, c.extra, len(c.aliases)), []).append(c)
     for members in groups.values():
         ids_new, e_new = enc.encode(members[0].prompts(anchor=True))
         if m is None:  # accumulate where the encoder computes (a GPU's float64 products, not a copy to the CPU)
@@ -49,17 +49,17 @@ def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progr
         progress()
 
 
-def keep_moment(kept, families, enc: TextEncoder) -> torch.Tensor | None:
+def keep_moment(kept, concept_types, enc: TextEncoder) -> torch.Tensor | None:
     """Mean second moment over every token of the templated prompts of concepts the user wants kept, in the
-    templates of every type in `families` (the types being changed: where the edit acts) and, for a typed one
-    (Kept(name, family)), also in its own type's."""
+    templates of every type in `concept_types` (the types being changed: where the edit acts) and, for a typed one
+    (Kept(name, concept_type)), also in its own type's."""
     if not kept:
         return None
     m = Moments(enc.dim)
     for k in kept:
-        name, family = (k, None) if isinstance(k, str) else k
-        for fam in dict.fromkeys(list(families) + ([family] if family else [])):
-            _, feats = enc.encode([t.format(name) for t in TEMPLATES[fam]])
+        name, concept_type = (k, None) if isinstance(k, str) else k
+        for ctype in dict.fromkeys(list(concept_types) + ([concept_type] if concept_type else [])):
+            _, feats = enc.encode([t.format(name) for t in TEMPLATES[ctype]])
             m.add(feats)
     return m.mean_gram()
 
@@ -81,7 +81,7 @@ def refine(
     """
     check_concepts(concepts, enc)
     edit = edit_moments(concepts, enc, progress)
-    keep = keep_moment(list(preserve), [c.family for c in concepts], enc)
+    keep = keep_moment(list(preserve), [c.concept_type for c in concepts], enc)
     total = None
     if prior is not None and prior_weight > 0:
         total = prior_weight * prior.to(torch.float64)

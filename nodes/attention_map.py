@@ -129,7 +129,7 @@ def attention_map(model, erased_model, clip, vae, concepts, concept_type="celebr
         img = sampling.decode(vae, lat)[0]
         hw = tuple(img.shape[:2])
         # the mask as Train's 'auto' makes it: the original model's attention to the concept's words, or everything
-        if mask_mode("auto", c.family, False) == "whole image":
+        if mask_mode("auto", c.concept_type, False) == "whole image":
             mask = torch.ones(tuple(lat.shape[-2:]))
         else:
             mask = attention.derive_masks(model, prompt, lat, seed=seed + i)[0].cpu()

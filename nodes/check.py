@@ -101,7 +101,7 @@ def erased_list(erased_model, concepts, concept_type, anchor, concept_file) -> l
     if not recorded:
         raise MaceInputError("concepts", "no concepts given, and the erased model records none.",
                              "Write the erased concepts, one per line.")
-    return [Concept(r["concept"], r.get("anchor", ""), r.get("family") or concept_type) for r in recorded]
+    return [Concept(r["concept"], r.get("anchor", ""), r.get("concept_type") or concept_type) for r in recorded]
 
 
 def check_rows(items: list[Concept], other_prompts: str, preserve, concept_type: str) -> list[Row]:
@@ -112,8 +112,8 @@ def check_rows(items: list[Concept], other_prompts: str, preserve, concept_type:
     rows += [Row("other", " ".join(line.split()), False) for line in (other_prompts or "").splitlines()
              if line.strip() and not line.strip().startswith("#")]
     for k in (parse_kept(preserve) if isinstance(preserve, str) or preserve is None else preserve):
-        family = k.family or (items[0].family if items else concept_type)
-        rows.append(Row("kept", attention.data_template(Concept(k.name, "", family)).format(k.name), True))
+        ctype = k.concept_type or (items[0].concept_type if items else concept_type)
+        rows.append(Row("kept", attention.data_template(Concept(k.name, "", ctype)).format(k.name), True))
     return rows
 
 
@@ -126,7 +126,7 @@ def erasure_check(model, erased_model, clip, vae, concepts, concept_type="celebr
         raise MaceInputError("images_per_prompt", f"must be 1 to {MAX_PER_PROMPT}, got {images_per_prompt}.")
     if concept_list is not None:  # the list's concepts and kept concepts are the rows; the boxes must not disagree
         cl = stage_list(concept_list, "MACE Erasure Check", concepts, concept_type, anchor, concept_file, preserve)
-        items, preserve, concept_type = list(cl.concepts), list(cl.keep), cl.family
+        items, preserve, concept_type = list(cl.concepts), list(cl.keep), cl.concept_type
     else:
         items = erased_list(erased_model, concepts, concept_type, anchor, concept_file)
     host.cross_attention_keys(model, clip)

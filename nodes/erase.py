@@ -111,7 +111,8 @@ def _check_mode(mode):
 
 def _record(model, items):
     """Quick mode: record what the clone erases, as Fuse does, so MACE Save Erasure and Erasure Check know it."""
-    fuse.record_erased(model, [SimpleNamespace(concept=c.name, anchor=c.anchor, family=c.family) for c in items])
+    fuse.record_erased(model, [SimpleNamespace(concept=c.name, anchor=c.anchor, concept_type=c.concept_type)
+                               for c in items])
 
 
 def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode=FULL, preserve="",
@@ -128,18 +129,18 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
     if mode == QUICK:
         units = [n + 1]
     else:
-        per = [concept_settings(c.family, PER_TYPE) for c in items]
+        per = [concept_settings(c.concept_type, PER_TYPE) for c in items]
         units = [n + 1, sum(p.steps + attention.GEN_STEPS + 1 for p in per), n + 2]
     with StageProgress(units) as bar:
         bar.next()
-        refined = refine.refine_model(model, clip, "", cl.family, "", "", preservation_strength, lambda_,
+        refined = refine.refine_model(model, clip, "", cl.concept_type, "", "", preservation_strength, lambda_,
                                       concept_list=cl)
         if mode == QUICK:
             _record(refined, items)
             log.info("MACE erase (quick): %d concepts in %.1fs", n, time.perf_counter() - t0)
             return refined
         bar.next()
-        bundle, _, _ = train.train_concept_loras(refined, clip, "", cl.family, "", seed=seed,
+        bundle, _, _ = train.train_concept_loras(refined, clip, "", cl.concept_type, "", seed=seed,
                                                  image_size=sampling.native_size(model), image_model=model,
                                                  concept_list=cl)
         bar.next()

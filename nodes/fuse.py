@@ -25,7 +25,7 @@ def erased_concepts(model) -> list[dict]:
 def record_erased(model, loras):
     """Appends the bundle's concepts to the clone's record (clone() deep-copies model_options: the input keeps its)."""
     have = {e["concept"].lower() for e in erased_concepts(model)}
-    new = [{"concept": lora.concept, "anchor": lora.anchor, "family": lora.family}
+    new = [{"concept": lora.concept, "anchor": lora.anchor, "concept_type": lora.concept_type}
            for lora in loras if lora.concept.lower() not in have]
     model.model_options[ERASED] = erased_concepts(model) + new
 
@@ -109,9 +109,10 @@ def check_against_list(loras, cl) -> dict:
         if c is None:
             log.warning("MACE fuse: the LoRA for '%s' is not in the connected concept list; fused with its own "
                         "anchor and type", lora.concept)
-        elif (c.anchor, c.family) != (lora.anchor, lora.family):
-            raise MaceInputError("concept_list", f"'{c.name}' is listed with anchor '{c.anchor}' ({c.family}), but "
-                                                 f"its LoRA was trained with '{lora.anchor}' ({lora.family}).",
+        elif (c.anchor, c.concept_type) != (lora.anchor, lora.concept_type):
+            raise MaceInputError("concept_list", f"'{c.name}' is listed with anchor '{c.anchor}' ({c.concept_type}), "
+                                                 f"but its LoRA was trained with '{lora.anchor}' "
+                                                 f"({lora.concept_type}).",
                                  "Connect the list the LoRAs were trained with, or train them again.")
     have = {lora.concept.lower() for lora in loras}
     missing = [c.name for c in cl.concepts if c.name.lower() not in have]

@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..mace_core import concept_files
-from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, ConceptList, parse_kept
+from ..mace_core.concepts import CONCEPT_TYPES, DEFAULT_ANCHORS, ConceptList, parse_kept
 from ..mace_core.errors import MaceInputError
 
 log = logging.getLogger("MACE")
@@ -23,8 +23,8 @@ def concept_inputs() -> list:
         io.String.Input("concepts", multiline=True, default="",
                         tooltip="Concepts to erase, one per line. Write 'concept => anchor' to choose what a line is "
                                 "mapped onto, and 'concept | type' or 'concept => anchor | type' to give a line its "
-                                f"own type ({', '.join(FAMILIES)}). Lines starting with # are ignored."),
-        io.Combo.Input("concept_type", options=list(FAMILIES), default="celebrity",
+                                f"own type ({', '.join(CONCEPT_TYPES)}). Lines starting with # are ignored."),
+        io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="celebrity",
                        tooltip="Which prompt templates describe the concepts (and the default anchor)."),
         io.String.Input("anchor", default="",
                         tooltip=f"What erased concepts turn into. Blank uses the type's default ({anchors})."),
@@ -86,13 +86,13 @@ def stage_list(concept_list, node: str, concepts=None, concept_type="celebrity",
     else than the list is a MaceInputError naming that box (ConceptList.check_stage); the log says which was used."""
     if concept_list is None:
         items = read_concepts(concepts, concept_type, anchor or "", concept_file) if concepts is not None else []
-        return ConceptList(tuple(items), tuple(parse_kept(preserve)), family=concept_type, anchor=anchor or "")
+        return ConceptList(tuple(items), tuple(parse_kept(preserve)), concept_type=concept_type, anchor=anchor or "")
     if not isinstance(getattr(concept_list, "concepts", None), tuple):
         raise MaceInputError("concept_list", "is not a MACE concept list.", "Connect the output of MACE Concept List.")
     concept_list.check_stage(node, concepts=concepts, anchor=anchor, concept_file=concept_file, preserve=preserve)
     if concept_list.source:  # a list from the Concept List node (MACE Erase passes its own typed one on too)
         log.info("MACE %s: %d concepts and %d to keep from the connected concept_list (type %s%s)", node,
-                 len(concept_list.concepts), len(concept_list.keep), concept_list.family,
+                 len(concept_list.concepts), len(concept_list.keep), concept_list.concept_type,
                  f", corpus '{concept_list.corpus_name}'" if concept_list.corpus_name else "")
     return concept_list
 

@@ -165,11 +165,11 @@ class _ConceptData:
     mask_source: str
 
 
-def mask_mode(source: str, family: str, has_mask: bool) -> str:
+def mask_mode(source: str, concept_type: str, has_mask: bool) -> str:
     """auto: the connected mask, else where the paper's preset for the type trains (every pixel for styles, the
     concept's region, from attention, for the others)."""
     if source == "auto":
-        return "given" if has_mask else PRESETS[family].mask_source
+        return "given" if has_mask else PRESETS[concept_type].mask_source
     return source
 
 
@@ -217,7 +217,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
     size = image_size or attention.default_image_size(model)
     todo = [i for i in range(len(items)) if only is None or i in only]  # the others resumed from their files
     out: list[_ConceptData | None] = [None] * len(items)
-    modes = [mask_mode(mask_source, c.family, mask is not None) for c in items]
+    modes = [mask_mode(mask_source, c.concept_type, mask is not None) for c in items]
     if mask is not None and todo and any(m != "given" for m in modes):
         log.info("MACE train: mask_source '%s' ignores the connected mask", mask_source)
 
@@ -386,10 +386,10 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
     check_concepts(items, enc)
-    per = [concept_settings(c.family, settings, steps, learning_rate, timestep_sampling) for c in items]
+    per = [concept_settings(c.concept_type, settings, steps, learning_rate, timestep_sampling) for c in items]
     cfgs = [TrainConfig(steps=p.steps, learning_rate=p.learning_rate, seed=seed) for p in per]
     for c, p in zip(items, per):
-        log.info("MACE train: '%s' (%s): %s", c.name, c.family, p.describe())
+        log.info("MACE train: '%s' (%s): %s", c.name, c.concept_type, p.describe())
     units = _data_units(samples)
     progress = host.Progress(sum(cfg.steps + units for cfg in cfgs))
     t0 = time.perf_counter()
@@ -470,7 +470,7 @@ def _train_batches(tm, todo, items, data, per, cfgs, shapes, rank, seed, setting
             c, d, p = items[i], data[i], per[i]
             u = {k: v[b].detach().float().cpu() for k, v in up.items()}
             dn = {k: v[b].detach().float().cpu() for k, v in down.items()}
-            loras[i] = ConceptLoRA(c.name, c.anchor, c.family, next(iter(dn.values())).shape[0], p.steps, u, dn,
+            loras[i] = ConceptLoRA(c.name, c.anchor, c.concept_type, next(iter(dn.values())).shape[0], p.steps, u, dn,
                                    meta={"losses": curves[b], "learning_rate": p.learning_rate, "seed": seed,
                                          "timestep_sampling": p.timestep_sampling, "settings": settings,
                                          "source": p.source, "mask_source": d.mask_source,
@@ -530,8 +530,10 @@ class _Resume:
 
     def key(self, i: int) -> str:
         c = self.items[i]
-        mode = mask_mode(self.mask_source, c.family, self.mask is not None)
-        own = {"index": i, "concept": c.name, "anchor": c.anchor, "family": c.family, "mask": mode,
+        mode = mask_mode(self.mask_source, c.concept_type, self.mask is not None)
+        # "family": the name the key had before the idea was called concept_type; renaming it would change every
+        # key, and resume folders already written would train again
+        own = {"index": i, "concept": c.name, "anchor": c.anchor, "family": c.concept_type, "mask": mode,
                "templates": c.templates() + [attention.data_template(c)], "cfg": repr(self.cfgs[i]),
                **({"aliases": list(c.aliases)} if c.aliases else {}),
                "timestep_sampling": self.per[i].timestep_sampling}
@@ -557,7 +559,7 @@ class _Resume:
             log.info("MACE train: %s was trained with other settings; training '%s' again (the file is replaced)",
                      name, self.items[i].name)
             return None
-        lora.anchor, lora.family = self.items[i].anchor, self.items[i].family
+        lora.anchor, lora.concept_type = self.items[i].anchor, self.items[i].concept_type
         log.info("MACE train: '%s' loaded from %s", lora.concept, name)
         return lora
 

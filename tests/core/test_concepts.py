@@ -31,7 +31,7 @@ def test_bad_concepts_name_the_input(text, fragment):
     assert "'concepts'" in str(e.value)
 
 
-def test_unknown_family_and_preserve_syntax():
+def test_unknown_concept_type_and_preserve_syntax():
     with pytest.raises(MaceInputError, match="concept_type"):
         parse_concepts("Tom", "animal")
     with pytest.raises(MaceInputError, match="'preserve'"):

@@ -33,13 +33,13 @@ class HashEncoder:
         return [[1] * self.context_length for _ in prompts], torch.stack(feats)
 
 
-def make_loras(keys_shapes, names, rank=1, seed=0, family="celebrity"):
+def make_loras(keys_shapes, names, rank=1, seed=0, concept_type="celebrity"):
     g = torch.Generator().manual_seed(seed)
     out = []
     for i, n in enumerate(names):
         up = {k: torch.randn(o, rank, generator=g) * 0.3 for k, (o, d) in keys_shapes.items()}
         down = {k: torch.randn(rank, d, generator=g) / d**0.5 for k, (o, d) in keys_shapes.items()}
-        out.append(ConceptLoRA(n, "a person", family, rank, 10, up, down, alpha=0.5 * rank if i % 2 else None))
+        out.append(ConceptLoRA(n, "a person", concept_type, rank, 10, up, down, alpha=0.5 * rank if i % 2 else None))
     return out
 
 
@@ -81,7 +81,7 @@ def stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, prior_weight, ke
 
 def features(enc, lora):
     """Every token of the concept's templated prompts, as the fusion sees them."""
-    return enc.encode([t.format(lora.concept) for t in TEMPLATES[lora.family]])[1].reshape(-1, enc.dim)
+    return enc.encode([t.format(lora.concept) for t in TEMPLATES[lora.concept_type]])[1].reshape(-1, enc.dim)
 
 
 def rel(a, b):

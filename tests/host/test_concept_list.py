@@ -135,7 +135,7 @@ def test_the_list_trains_fuses_and_saves_as_the_typed_text(pack, mods, tiny, lor
                               **common).result[0]
         listed = train.execute(model=model, clip=clip, concepts="", concept_type="celebrity", anchor="",
                                concept_list=cl, **common).result[0]
-    assert [(lora.concept, lora.anchor, lora.family) for lora in listed.loras] == \
+    assert [(lora.concept, lora.anchor, lora.concept_type) for lora in listed.loras] == \
         [("Claude Monet", "art", "style"), ("Tomas Lindqvist", "a man", "celebrity")]
     for a, b in zip(typed.loras, listed.loras):
         for k in a.up:
@@ -290,7 +290,7 @@ def test_own_prompts_and_nicknames_reach_training_and_fusion(pack, mods, tiny, m
 def test_erasure_check_rows_come_from_the_list_with_nickname_rows(pack, mods, pack_module):
     check = mod(pack_module, "nodes.check")
     cl = make(pack, "Claude Monet", preserve="Rembrandt | style", prompts="Claude Monet: Oscar Giverny")
-    rows = check.check_rows(list(cl.concepts), "", list(cl.keep), cl.family)
+    rows = check.check_rows(list(cl.concepts), "", list(cl.keep), cl.concept_type)
     assert [(r.kind, r.prompt) for r in rows] == [
         ("erased", "a painting in the style of Claude Monet"), ("other", "a painting in the style of Oscar Giverny"),
         ("kept", "a painting in the style of Rembrandt")]
@@ -317,7 +317,7 @@ def test_corpus_is_read_cached_and_invalidated_when_the_file_changes(pack, mods,
     refine(pack, model, clip, concept_list=cl)
     bundle = random_bundle(pack_module, model, ["Claude Monet"])
     for lora in bundle.loras:
-        lora.anchor, lora.family = "art", "style"
+        lora.anchor, lora.concept_type = "art", "style"
     mods.fuse.fuse_model(model, clip, bundle, concept_list=cl)
     assert len(fresh_cache) == 2
     # on disk too: a new process (an empty memo) reads the file instead of computing
@@ -373,9 +373,9 @@ def test_load_loras_takes_type_and_anchor_from_the_list_for_a_foreign_file(pack,
     cl = make(pack, "Claude Monet | style\nTom Hanks", "celebrity", "", "")
     load = pack["MACELoadLoRAs"]
     (lora,) = load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "", True, cl).result[0].loras
-    assert (lora.concept, lora.anchor, lora.family) == ("Claude Monet", "art", "style")
+    assert (lora.concept, lora.anchor, lora.concept_type) == ("Claude Monet", "art", "style")
     (plain,) = load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "", True).result[0].loras
-    assert (plain.anchor, plain.family) == ("a person", "celebrity"), "without the list: the node's own type"
+    assert (plain.anchor, plain.concept_type) == ("a person", "celebrity"), "without the list: the node's own type"
     with pytest.raises(mods.errors.MaceInputError) as e:
         load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "a painter", True, cl)
     assert e.value.input_name == "anchor"

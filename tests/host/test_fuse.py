@@ -21,8 +21,8 @@ def mod(pack_module, name):
     return sys.modules[f"{pack_module.__name__}.{name}"]
 
 
-def features(host, clip, name, family="celebrity", pack_module=None):
-    templates = mod(pack_module, "mace_core.concepts").TEMPLATES[family]
+def features(host, clip, name, concept_type="celebrity", pack_module=None):
+    templates = mod(pack_module, "mace_core.concepts").TEMPLATES[concept_type]
     _, e = host.clip_encoder(clip).encode([t.format(name) for t in templates])
     return e.reshape(-1, e.shape[-1]).double().cpu()  # CLIP may run on a GPU (MACE_TEST_GPU=1)
 
