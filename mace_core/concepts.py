@@ -185,7 +185,7 @@ def default_anchor(concept_type: str, node_type: str, node_anchor: str = "") -> 
     return node_anchor if node_anchor and concept_type == node_type else DEFAULT_ANCHORS[concept_type]
 
 
-def parse_type(text: str, where: str, input_name: str) -> str:
+def parse_concept_type(text: str, where: str, input_name: str) -> str:
     """A type word from a line or a CSV cell ('' = none); case and surrounding whitespace do not matter."""
     from .errors import MaceInputError
 
@@ -203,7 +203,7 @@ def make_concept(name: str, own_anchor: str, own_type: str, concept_type: str, a
     from .errors import MaceInputError
 
     name, own_anchor = normalize(name), normalize(own_anchor)
-    ctype = parse_type(own_type, where, input_name) or concept_type
+    ctype = parse_concept_type(own_type, where, input_name) or concept_type
     if not name:
         what = "an anchor" if own_anchor else "a type"
         raise MaceInputError(input_name, f"{where} has {what} but no concept.",
@@ -240,7 +240,7 @@ def split_line(line: str, where: str, input_name: str = "concepts") -> tuple[str
         raise MaceInputError(input_name, f"{where} ('{line}') has more than one '{ANCHOR_SEP}'.",
                              "Write one anchor per line: 'concept => anchor'.")
     anchor = parts[1] if len(parts) > 1 else ""
-    return normalize(parts[0]), normalize(anchor), parse_type(own_type, where, input_name)
+    return normalize(parts[0]), normalize(anchor), parse_concept_type(own_type, where, input_name)
 
 
 def parse_line(line: str, concept_type: str, anchor: str, where: str, input_name: str = "concepts") -> Concept | None:
