@@ -157,7 +157,7 @@ def measure_e2e(n, device):
     core = load_core()
     items = concepts(core, n)
     lines = "\n".join(f"{c.name} | {c.concept_type}" for c in items)
-    keep = "\n".join(f"{a}{b} Kowalski" for a in _FIRST[:3] for b in _SECOND[:3])
+    preserve = "\n".join(f"{a}{b} Kowalski" for a in _FIRST[:3] for b in _SECOND[:3])
     times = {}
     with torch.inference_mode():
         model, clip = comfy_host.tiny_model(), comfy_host.tiny_clip()
@@ -183,10 +183,10 @@ def measure_e2e(n, device):
             return out
 
         timed("baseline", baseline)
-        refined = timed("refine", lambda: refine.refine_model(model, clip, lines, "object", preserve=keep))
+        refined = timed("refine", lambda: refine.refine_model(model, clip, lines, "object", preserve=preserve))
         bundle, _, _ = timed("train", lambda: train.train_concept_loras(refined, clip, lines, "object", image_size=64,
                                                                        image_model=model))
-        timed("fuse", lambda: fuse.fuse_model(refined, clip, bundle, keep))
+        timed("fuse", lambda: fuse.fuse_model(refined, clip, bundle, preserve))
         mm.unload_all_models()
         after = model.model.diffusion_model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), "the input model changed"

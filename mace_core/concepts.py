@@ -302,16 +302,16 @@ def parse_concepts(text: str, concept_type: str, anchor: str = "", input_name: s
     return out
 
 
-class Kept(NamedTuple):
-    """A concept to keep intact: protected in the templates of every type being erased and, when concept_type is
-    given, in its own type's too (refine.keep_moment)."""
+class Preserved(NamedTuple):
+    """A concept to preserve: protected in the templates of every type being erased and, when concept_type is
+    given, in its own type's too (refine.preserve_moment)."""
     name: str
     concept_type: str | None = None
 
 
-def parse_kept(text: str, input_name: str = "preserve") -> list[Kept]:
-    """Concepts to keep, one per line, each optionally typed (`name | type`); may be empty. An anchor means nothing
-    for a kept concept, so `=>` is refused rather than read as part of its name."""
+def parse_preserve(text: str, input_name: str = "preserve") -> list[Preserved]:
+    """Concepts to preserve, one per line, each optionally typed (`name | type`); may be empty. An anchor means
+    nothing for a preserved concept, so `=>` is refused rather than read as part of its name."""
     from .errors import MaceInputError
 
     out = []
@@ -324,10 +324,10 @@ def parse_kept(text: str, input_name: str = "preserve") -> list[Kept]:
             continue
         name, own_anchor, concept_type = parts
         if own_anchor or ANCHOR_SEP in raw:
-            raise MaceInputError(input_name, f"{where} ('{normalize(raw)}') has '{ANCHOR_SEP}': a concept to keep "
-                                             "has no anchor.", "Write 'name' or 'name | type'.")
+            raise MaceInputError(input_name, f"{where} ('{normalize(raw)}') has '{ANCHOR_SEP}': a concept to "
+                                             "preserve has no anchor.", "Write 'name' or 'name | type'.")
         _check_name(name, input_name, line_no)
-        out.append(Kept(name, concept_type or None))
+        out.append(Preserved(name, concept_type or None))
     return out
 
 
@@ -409,10 +409,10 @@ def _lines(text: str) -> list[str]:
 @dataclass(frozen=True)
 class ConceptList:
     """What MACE Concept List hands every stage: the concepts (box, then file, with own prompts and nicknames), the
-    concepts to keep, the caption corpus for the preservation prior, and the text they were read from (to tell a
+    concepts to preserve, the caption corpus for the preservation prior, and the text they were read from (to tell a
     stage's own box that says the same from one that disagrees)."""
     concepts: tuple[Concept, ...]
-    keep: tuple[Kept, ...] = ()
+    preserve: tuple[Preserved, ...] = ()
     corpus: tuple[str, ...] = ()
     corpus_name: str = ""
     concept_type: str = "celebrity"

@@ -2,7 +2,7 @@
 
 Per matrix, with W' the current (refined) weight and W0 the original one,
 
-    min_W  sum_i sum_{e in prompts of concept i} |W e - (W' + dW_i) e|^2  +  |W p - W0 p|^2 (prior, kept concepts)
+    min_W  sum_i sum_{e in prompts of concept i} |W e - (W' + dW_i) e|^2  +  |W p - W0 p|^2 (prior, preserved concepts)
            + lam |W - W'|^2
 
     W* = [ sum_i (W' + dW_i) G_i + W0 P + lam W' ] (G + P + lam I)^-1,   G = sum_i G_i
@@ -29,11 +29,11 @@ from .closed_form import ACC, acc_device, ridge_scale, to_acc
 from .concepts import Concept, check_concept_type
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
-from .refine import keep_moment
+from .refine import preserve_moment
 from .text import TextEncoder, check_concepts
 
 log = logging.getLogger("MACE")
-KEEP_TARGETS = ("original", "input")
+PRESERVATION_TARGETS = ("original", "input")
 
 
 class SpdSolver:
@@ -110,23 +110,24 @@ def fuse(
     lam: float = 0.01,
     device=None,
     progress: Callable[[], None] | None = None,
-    keep_target: str = "input",
+    preservation_target: str = "input",
     out_dtype: torch.dtype = torch.float32,
     concepts: dict[str, Concept] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Delta W* - W' (in out_dtype, on `device`) for every key of `current` that changes.
 
-    current / original: W' and W0 per cross-attention key (any mapping; W' is read only for keep_target
+    current / original: W' and W0 per cross-attention key (any mapping; W' is read only for preservation_target
     "original", one matrix at a time, and a mapping with a `shapes` attribute is not read for its shapes).
     prior: mean second moment of generic prompts (prior.py).
-    Prior and kept concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to the
-    mean eigenvalue of the concept statistics.
-    keep_target: what generic prompts and kept concepts are held to, "original" (W0, the paper's choice) or "input"
-    (W', so what refinement did beyond the fused concepts' own prompts, e.g. to their synonyms, stays).
+    Prior and preserved concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to
+    the mean eigenvalue of the concept statistics.
+    preservation_target: what generic prompts and preserved concepts are held to, "original" (W0, the paper's choice)
+    or "input" (W', so what refinement did beyond the fused concepts' own prompts, e.g. to their synonyms, stays).
     concepts: name (lower case) -> Concept whose own prompts and nicknames join the LoRA's templates (concept_of).
     """
-    if keep_target not in KEEP_TARGETS:
-        raise MaceInputError("keep_target", f"must be one of {', '.join(KEEP_TARGETS)}, got '{keep_target}'.")
+    if preservation_target not in PRESERVATION_TARGETS:
+        raise MaceInputError("preservation_target", f"must be one of {', '.join(PRESERVATION_TARGETS)}, got "
+                                                    f"'{preservation_target}'.")
     loras = list(loras)
     shapes = getattr(current, "shapes", None) or {k: tuple(w.shape) for k, w in current.items()}
     check_loras(loras, shapes)
@@ -177,9 +178,9 @@ def fuse(
     if prior is not None and prior_weight > 0:
         p = prior_weight * count * to_acc(prior, device)
     concept_types = [lora.concept_type for lora in loras]
-    keep = keep_moment(list(preserve), concept_types, enc) if preserve and preserve_weight > 0 else None
-    if keep is not None:
-        kp = preserve_weight * count * to_acc(keep, device)
+    held = preserve_moment(list(preserve), concept_types, enc) if preserve and preserve_weight > 0 else None
+    if held is not None:
+        kp = preserve_weight * count * to_acc(held, device)
         p = kp if p is None else p + kp
     if p is not None:
         m = m + p
@@ -195,7 +196,7 @@ def fuse(
                 del u
             else:
                 delta = solve(store.pop(k))
-        if p is not None and keep_target == "original":
+        if p is not None and preservation_target == "original":
             back = solve((to_acc(original[k], device) - to_acc(current[k], device)) @ p)
             delta = back if delta is None else delta + back
         if delta is not None:  # a matrix no LoRA touches and no prior pulls back keeps W' (no patch)

@@ -49,14 +49,14 @@ def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progr
         progress()
 
 
-def keep_moment(kept, concept_types, enc: TextEncoder) -> torch.Tensor | None:
-    """Mean second moment over every token of the templated prompts of concepts the user wants kept, in the
+def preserve_moment(preserved, concept_types, enc: TextEncoder) -> torch.Tensor | None:
+    """Mean second moment over every token of the templated prompts of the concepts to preserve, in the
     templates of every type in `concept_types` (the types being changed: where the edit acts) and, for a typed one
-    (Kept(name, concept_type)), also in its own type's."""
-    if not kept:
+    (Preserved(name, concept_type)), also in its own type's."""
+    if not preserved:
         return None
     m = Moments(enc.dim)
-    for k in kept:
+    for k in preserved:
         name, concept_type = (k, None) if isinstance(k, str) else k
         for ctype in dict.fromkeys(list(concept_types) + ([concept_type] if concept_type else [])):
             _, feats = enc.encode([t.format(name) for t in TEMPLATES[ctype]])
@@ -77,15 +77,15 @@ def refine(
     """The refinement transform T (d x d, float64).
 
     prior: mean second moment of generic prompts (prior.py); its weight is relative to the concept prompts' own token
-    count, as is the weight of the preserved concepts together (names or concepts.Kept; see keep_moment).
+    count, as is the weight of the preserved concepts together (names or concepts.Preserved; see preserve_moment).
     """
     check_concepts(concepts, enc)
     edit = edit_moments(concepts, enc, progress)
-    keep = keep_moment(list(preserve), [c.concept_type for c in concepts], enc)
+    held = preserve_moment(list(preserve), [c.concept_type for c in concepts], enc)
     total = None
     if prior is not None and prior_weight > 0:
         total = prior_weight * prior.to(torch.float64)
-    if keep is not None and preserve_weight > 0:
-        keep = preserve_weight * keep
-        total = keep if total is None else total + keep
+    if held is not None and preserve_weight > 0:
+        held = preserve_weight * held
+        total = held if total is None else total + held
     return refine_transform(edit, total, 1.0, lam)

@@ -20,11 +20,11 @@ def edit_pooled_input():
     return io.Boolean.Input("edit_pooled", default=EDIT_POOLED_DEFAULT, optional=True,
                             tooltip="SDXL only: also edit the label embedding's pooled-text columns, where the "
                                     "CLIP's pooled vector enters the UNet beside the cross-attention, so the "
-                                    "concepts' pooled vectors act as the anchor's (generic and kept prompts held, "
+                                    "concepts' pooled vectors act as the anchor's (generic and preserved prompts held, "
                                     "same closed form). No effect on SD1.x/SD2.x.")
 
 
-def pooled_deltas(model, clip, items, keep, preservation_strength=1.0, lambda_=0.01) -> dict:
+def pooled_deltas(model, clip, items, preserved, preservation_strength=1.0, lambda_=0.01) -> dict:
     """{label-embedding key: delta in the patch dtype} mapping the concepts' pooled vectors onto their anchors', or {}
     for a family without a pooled road (SD1.x/SD2.x). Generic prompts are the same ones refinement's prior uses."""
     key = host.pooled_key(model, clip)
@@ -35,7 +35,7 @@ def pooled_deltas(model, clip, items, keep, preservation_strength=1.0, lambda_=0
     def encode(prompts):
         return host.encode_pooled(clip, prompts)
 
-    t = pooled_transform(items, encode, generic_prompts(), keep, prior_weight=preservation_strength,
+    t = pooled_transform(items, encode, generic_prompts(), preserved, prior_weight=preservation_strength,
                          preserve_weight=preservation_strength, lam=lambda_)
     # against the weight this MODEL computes with (a refined or LoRA-carrying input included), as K/V refinement does
     w = host.current_weights(model, [key], host.compute_device())[key]

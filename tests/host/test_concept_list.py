@@ -15,7 +15,7 @@ NODE = "MACEConceptList"
 STAGES = ["MACERefineCrossAttention", "MACETrainConceptLoRA", "MACEFuseLoRAs", "MACESaveErasure", "MACELoadLoRAs",
           "MACEErase", "MACEErasureCheck", "MACEAttentionMap"]
 CONCEPTS = "Claude Monet\nTomas Lindqvist => a man | celebrity"
-KEEP = "Rembrandt | style\nTom Hanks"
+PRESERVE = "Rembrandt | style\nTom Hanks"
 
 
 def mod(pack_module, name):
@@ -52,7 +52,7 @@ def fresh_cache(mods, tmp_path, monkeypatch):
     return calls
 
 
-def make(pack, concepts=CONCEPTS, concept_type="style", anchor="", preserve=KEEP, prompts="", concept_file="",
+def make(pack, concepts=CONCEPTS, concept_type="style", anchor="", preserve=PRESERVE, prompts="", concept_file="",
          corpus_file=""):
     return pack[NODE].execute(concepts, concept_type, anchor, preserve, prompts, concept_file, corpus_file).result[0]
 
@@ -115,13 +115,13 @@ def test_a_saved_api_graph_without_the_list_still_validates(pack):
 
 def test_the_list_refines_exactly_as_the_typed_text(pack, mods, tiny):
     model, clip = tiny
-    typed = refine(pack, model, clip, CONCEPTS, "style", "", KEEP)
+    typed = refine(pack, model, clip, CONCEPTS, "style", "", PRESERVE)
     listed = refine(pack, model, clip, concept_list=make(pack))
     assert_same_patch(mods, typed, listed)
     # the stage's own concept_type is not used when a list is connected: the list's type is
     assert_same_patch(mods, listed, refine(pack, model, clip, concept_type="object", concept_list=make(pack)))
     # and a box that says exactly what the list says is no conflict
-    assert_same_patch(mods, listed, refine(pack, model, clip, CONCEPTS + "\n", "style", "", KEEP, make(pack)))
+    assert_same_patch(mods, listed, refine(pack, model, clip, CONCEPTS + "\n", "style", "", PRESERVE, make(pack)))
 
 
 def test_the_list_trains_fuses_and_saves_as_the_typed_text(pack, mods, tiny, loras_dir):
@@ -141,7 +141,7 @@ def test_the_list_trains_fuses_and_saves_as_the_typed_text(pack, mods, tiny, lor
         for k in a.up:
             assert torch.equal(a.up[k], b.up[k]) and torch.equal(a.down[k], b.down[k]), (a.concept, k)
     fuse = pack["MACEFuseLoRAs"]
-    by_text = fuse.execute(model, clip, typed, KEEP, 1.0, 0.01, "input model").result[0]
+    by_text = fuse.execute(model, clip, typed, PRESERVE, 1.0, 0.01, "input model").result[0]
     by_list = fuse.execute(model, clip, listed, "", 1.0, 0.01, "input model", cl).result[0]
     assert_same_patch(mods, by_text, by_list)
     pack["MACESaveErasure"].execute(by_list, "listed", "full", 64, None, "", cl)
@@ -290,10 +290,10 @@ def test_own_prompts_and_nicknames_reach_training_and_fusion(pack, mods, tiny, m
 def test_erasure_check_rows_come_from_the_list_with_nickname_rows(pack, mods, pack_module):
     check = mod(pack_module, "nodes.check")
     cl = make(pack, "Claude Monet", preserve="Rembrandt | style", prompts="Claude Monet: Oscar Giverny")
-    rows = check.check_rows(list(cl.concepts), "", list(cl.keep), cl.concept_type)
+    rows = check.check_rows(list(cl.concepts), "", list(cl.preserve), cl.concept_type)
     assert [(r.kind, r.prompt) for r in rows] == [
         ("erased", "a painting in the style of Claude Monet"), ("other", "a painting in the style of Oscar Giverny"),
-        ("kept", "a painting in the style of Rembrandt")]
+        ("preserved", "a painting in the style of Rembrandt")]
 
 
 # ---------------------------------------------------------------- the caption corpus
@@ -387,7 +387,7 @@ def test_the_log_says_the_list_was_used(pack, tiny, caplog):
     model, clip = tiny
     with caplog.at_level(logging.INFO, logger="MACE"):
         refine(pack, model, clip, concept_type="object", concept_list=make(pack))
-    assert "MACE Refine: 2 concepts and 2 to keep from the connected concept_list (type style)" in caplog.text
+    assert "MACE Refine: 2 concepts and 2 to preserve from the connected concept_list (type style)" in caplog.text
 
 
 def test_thousands_of_captions_are_read_and_an_oversized_file_is_refused(pack, mods, pack_module, input_dir):
