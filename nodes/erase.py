@@ -68,7 +68,7 @@ class MACEErase(io.ComfyNode):
 class StageProgress:
     """One progress bar across stages that each make their own comfy.utils.ProgressBar.
 
-    refine_model, train_concept_loras and fuse_model each report to a bar of their own length; while this is entered,
+    refine_model, train_loras and fuse_model each report to a bar of their own length; while this is entered,
     ComfyUI's progress hook receives their reports mapped into one bar whose stages are weighted by `units` (each
     stage's expected ticks), so the user sees one bar fill once instead of three bars each filling from zero. The
     previous hook is restored on exit, also when a stage raises (cancel)."""
@@ -140,9 +140,9 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
             log.info("MACE erase (quick): %d concepts in %.1fs", n, time.perf_counter() - t0)
             return refined
         bar.next()
-        bundle, _, _ = train.train_concept_loras(refined, clip, "", cl.concept_type, "", seed=seed,
-                                                 image_size=sampling.native_size(model), image_model=model,
-                                                 concept_list=cl)
+        req = train.TrainRequest(concept_type=cl.concept_type, seed=seed, image_size=sampling.native_size(model),
+                                 image_model=model, concept_list=cl)
+        bundle, _, _ = train.train_loras(refined, clip, req)
         bar.next()
         out = fuse.fuse_model(refined, clip, bundle, "", preservation_strength, lambda_, concept_list=cl)
     log.info("MACE erase (full): %d concepts in %.1fs", n, time.perf_counter() - t0)
