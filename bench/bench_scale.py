@@ -80,8 +80,7 @@ def measure(stage, n, device):
 
     def run(enc, sub_items, sub_loras):
         if stage == "refine":
-            t = core.refine.refine(sub_items, enc, c, (), prior_weight=1.0, lam=0.01)
-            return {k: core.closed_form.apply_transform(w, t.to(device)) for k, w in wp.items()}
+            return core.refine.refine(sub_items, enc, wp, c, (), prior_weight=1.0, lam=0.01)
         return core.fuse.fuse(sub_loras, enc, wp, w0, c, (), prior_weight=1.0, lam=0.01, device=device)
 
     run(SyntheticEncoder(device), items[:1], loras[:1] if loras else None)  # warm-up: kernels, allocator, libraries

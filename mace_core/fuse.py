@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .closed_form import ACC, acc_device, ridge_scale, to_acc
+from .closed_form import ACC, WeightDeltas, acc_device, ridge_scale, to_acc
 from .concepts import Concept, check_concept_type
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
@@ -113,8 +113,9 @@ def fuse(
     preservation_target: str = "input",
     out_dtype: torch.dtype = torch.float32,
     concepts: dict[str, Concept] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Delta W* - W' (in out_dtype, on `device`) for every key of `current` that changes.
+) -> WeightDeltas:
+    """Delta W* - W' (in out_dtype, on `device`) for every key of `current` that changes, as WeightDeltas (the kind
+    of result refinement gives too).
 
     current / original: W' and W0 per cross-attention key (any mapping; W' is read only for preservation_target
     "original", one matrix at a time, and a mapping with a `shapes` attribute is not read for its shapes).
@@ -203,7 +204,7 @@ def fuse(
             deltas[k] = delta.to(out_device, out_dtype)
         del delta
     log.info("MACE fuse: %d LoRAs, %d concept tokens, %d matrices", len(loras), count, len(deltas))
-    return deltas
+    return WeightDeltas(deltas)
 
 
 def naive_sum(loras: Iterable[ConceptLoRA], keys: Iterable[str]) -> dict[str, torch.Tensor]:

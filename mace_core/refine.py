@@ -1,15 +1,17 @@
 """Stage 1, closed-form cross-attention refinement: move what the concept's prompts put into keys and values onto
 what the anchor's prompts put there, for every cross-attention layer at once.
 
-The result is one d x d transform T; each key/value matrix becomes W0 T (see closed_form.py).
+The solve gives one d x d transform T (refinement_transform); each key/value matrix W becomes W T, so refine hands
+back W (T - I) per matrix as WeightDeltas, the kind of result fusion gives too (see closed_form.py).
 """
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 
 from .align import align_pairs
-from .closed_form import Moments, refine_transform
+from .closed_form import Moments, WeightDeltas, refine_transform, transform_deltas
 from .concepts import TEMPLATES, Concept
 from .text import TextEncoder, check_concepts
 
@@ -67,6 +69,26 @@ def preserve_moment(preserved, concept_types, enc: TextEncoder) -> torch.Tensor 
 def refine(
     concepts: list[Concept],
     enc: TextEncoder,
+    current: Mapping[str, torch.Tensor],
+    prior: torch.Tensor | None,
+    preserve: list = (),
+    prior_weight: float = 1.0,
+    preserve_weight: float = 1.0,
+    lam: float = 0.01,
+    progress: Callable[[], None] | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> WeightDeltas:
+    """Stage 1's change to every key/value matrix of `current` (W' per key, the weights the model computes with; any
+    mapping, read one matrix at a time): W' (T - I) in out_dtype, on each weight's device. The transform and its
+    weights as in refinement_transform; T is solved once, before any weight is read."""
+    t = refinement_transform(concepts, enc, prior, preserve, prior_weight, preserve_weight, lam, progress)
+    # T stays float64 where it was solved; apply_transform brings it to W's device only where float64 exists there
+    return transform_deltas(current, t, out_dtype)
+
+
+def refinement_transform(
+    concepts: list[Concept],
+    enc: TextEncoder,
     prior: torch.Tensor | None,
     preserve: list = (),
     prior_weight: float = 1.0,
@@ -74,7 +96,7 @@ def refine(
     lam: float = 0.01,
     progress: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """The refinement transform T (d x d, float64).
+    """The refinement transform T (d x d, float64), the same for every key/value matrix.
 
     prior: mean second moment of generic prompts (prior.py); its weight is relative to the concept prompts' own token
     count, as is the weight of the preserved concepts together (names or concepts.Preserved; see preserve_moment).

@@ -4,6 +4,7 @@ pooled vector enters the UNet beside the cross-attention."""
 import logging
 import time
 
+from ..mace_core.closed_form import WeightDeltas
 from ..mace_core.pooled import pooled_delta, pooled_transform
 from ..mace_core.prior import generic_prompts
 from . import host
@@ -24,12 +25,12 @@ def edit_pooled_input():
                                     "same closed form). No effect on SD1.x/SD2.x.")
 
 
-def pooled_deltas(model, clip, items, preserved, preservation_strength=1.0, lambda_=0.01) -> dict:
-    """{label-embedding key: delta in the patch dtype} mapping the concepts' pooled vectors onto their anchors', or {}
-    for a family without a pooled road (SD1.x/SD2.x). Generic prompts are the same ones refinement's prior uses."""
+def pooled_deltas(model, clip, items, preserved, preservation_strength=1.0, lambda_=0.01) -> WeightDeltas:
+    """{label-embedding key: delta in the patch dtype} mapping the concepts' pooled vectors onto their anchors', or
+    none for a family without a pooled road (SD1.x/SD2.x). Generic prompts are the same ones refinement's prior uses."""
     key = host.pooled_key(model, clip)
     if key is None:
-        return {}
+        return WeightDeltas()
     t0 = time.perf_counter()
 
     def encode(prompts):
@@ -43,7 +44,7 @@ def pooled_deltas(model, clip, items, preserved, preservation_strength=1.0, lamb
     delta = pooled_delta(w, t).to(dtype)
     log.info("MACE refine: pooled vector (%d wide) edited for %d concepts in %.2fs", t.shape[0], len(items),
              time.perf_counter() - t0)
-    return {key: delta}
+    return WeightDeltas({key: delta})
 
 
 def warn_if_pooled_edit_left_out(model, what: str):

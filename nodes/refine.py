@@ -5,7 +5,6 @@ import time
 
 from comfy_api.latest import io
 
-from ..mace_core.closed_form import apply_transform
 from ..mace_core.prior import generic_prompts, prior_moment, prompt_set_version
 from ..mace_core.refine import refine
 from . import host
@@ -86,16 +85,13 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     t0 = time.perf_counter()
     prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()
-    t = refine(items, enc, prior, preserved, prior_weight=preservation_strength, preserve_weight=preservation_strength,
-               lam=lambda_, progress=progress)
-    device = host.compute_device()
-    # one matrix at a time, straight to the patch dtype (SDXL's K/V in float32 are 1.3 GB); T stays float64 where it
-    # was solved, apply_transform brings it to W's device only where float64 exists there
-    current = host.CurrentWeights(model, keys, device)
+    # read one matrix at a time and made straight in the patch dtype (SDXL's K/V in float32 are 1.3 GB)
+    current = host.CurrentWeights(model, keys, host.compute_device())
     dtype = host.patch_dtype(host.original_weights(model, keys[:1])[keys[0]].dtype)
-    deltas = {k: apply_transform(current[k], t).to(dtype) for k in keys}
+    deltas = refine(items, enc, current, prior, preserved, prior_weight=preservation_strength,
+                    preserve_weight=preservation_strength, lam=lambda_, progress=progress, out_dtype=dtype)
     if edit_pooled:
-        deltas.update(pooled_deltas(model, clip, items, preserved, preservation_strength, lambda_))
+        deltas = deltas | pooled_deltas(model, clip, items, preserved, preservation_strength, lambda_)
     out = host.with_deltas(model, deltas)
     log.info("MACE refine: %d concepts, %d matrices in %.2fs", len(items), len(keys), time.perf_counter() - t0)
     return out

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..mace_core import lora_files
 from ..mace_core.attention_loss import TIMESTEP_KINDS, check_mask
+from ..mace_core.closed_form import WeightDeltas
 from ..mace_core.concepts import PRESETS, describe_presets
 from ..mace_core.errors import MaceInputError
 from ..mace_core.lora_bundle import ConceptLoRA, LoRABundle
@@ -469,7 +470,7 @@ def train_loras(model, clip, req: TrainRequest):
         log.info("MACE train: %d of %d concepts loaded from %s, %d trained", len(items) - len(todo), len(items),
                  resume.folder, len(todo))
     bundle = LoRABundle(loras, base=base, meta={"stage": "train"})
-    model_out = host.with_deltas(model, {k: bundle.summed_delta(k) for k in keys})
+    model_out = host.with_deltas(model, WeightDeltas({k: bundle.summed_delta(k) for k in keys}))
     t_all = time.perf_counter() - t0
     log.info("MACE train: %d concepts, %d steps in all, in %.1fs (data %.1fs, %.2fs per concept of training)",
              len(items), sum(cfg.steps for cfg in cfgs), t_all, t_data, (t_all - t_data) / max(1, len(todo)))

@@ -213,3 +213,37 @@ def test_fusion_for_a_device_without_float64_solves_on_the_cpu(monkeypatch):
     assert places == {"cpu"}
     assert all(got[k].device.type == "meta" and got[k].dtype == torch.float32 for k in got)
     assert got.keys() == expected.keys()
+
+
+def test_refine_and_fuse_return_the_same_kind_of_result():
+    """Both stages hand back WeightDeltas: {weight key: delta} in the dtype asked for, one matrix per key; refine's
+    delta is W' (T - I) with the transform solved once for every matrix."""
+    from mace_core.closed_form import WeightDeltas, apply_transform
+    from mace_core.concepts import Concept
+    from mace_core.refine import refine, refinement_transform
+
+    shapes, w0, wp = setup(seed=5)
+    enc = HashEncoder()
+    concepts = [Concept("Alice Smith", "a person", "celebrity")]
+    prior = torch.eye(enc.dim, dtype=torch.float64)
+    refined = refine(concepts, enc, wp, prior, ["Bob Jones"], out_dtype=torch.float16)
+    fused = fuse(make_loras(shapes, ["Alice Smith"], seed=6), enc, wp, w0, prior, ["Bob Jones"],
+                 out_dtype=torch.float16)
+    for deltas in (refined, fused):
+        assert isinstance(deltas, WeightDeltas) and set(deltas) == set(wp)
+        assert all(d.dtype == torch.float16 and d.shape == wp[k].shape for k, d in deltas.items())
+    t = refinement_transform(concepts, enc, prior, ["Bob Jones"])
+    for k, w in wp.items():
+        assert torch.equal(refined[k], apply_transform(w, t).to(torch.float16))
+
+
+def test_weight_deltas_join_only_where_they_touch_different_weights():
+    from mace_core.closed_form import WeightDeltas
+
+    a, b = WeightDeltas({"x": torch.ones(2)}), WeightDeltas({"y": torch.zeros(2)})
+    both = a | b
+    assert set(both) == {"x", "y"} and both["x"] is a["x"] and set(a) == {"x"}  # the tensors themselves, not copies
+    with pytest.raises(ValueError, match="same weight"):
+        both | {"x": torch.ones(2)}
+    with pytest.raises(TypeError):
+        a["z"] = torch.ones(2)  # read-only: these tensors become the model's patches
