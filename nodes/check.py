@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..mace_core.concepts import Concept, parse_preserve
 from ..mace_core.errors import MaceInputError
-from . import attention, host, picture, refine, sampling
+from . import attention, host, inputs, picture, sampling
 from .fuse import erased_concepts
 from .inputs import concept_list_input, stage_list
 
@@ -46,7 +46,7 @@ class MACEErasureCheck(io.ComfyNode):
                 io.Model.Input("erased_model", tooltip="The erased model (MACE Erase, or Refine/Fuse)."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with the model (MACE leaves it unchanged)."),
                 io.Vae.Input("vae", tooltip="The VAE loaded with the model, to decode the pictures."),
-                *refine.concept_inputs(),
+                *inputs.concept_inputs(),
                 io.String.Input("other_prompts", multiline=True, default="",
                                 tooltip="Further rows, one prompt per line: other names of the erased concepts "
                                         "(synonyms, nicknames), or any prompt of your own. Written as for a text "
@@ -62,7 +62,7 @@ class MACEErasureCheck(io.ComfyNode):
                              tooltip="Seeds (columns) per model."),
                 *sampling.sampler_inputs(),
                 io.String.Input("negative", default="", tooltip="Negative prompt of every picture."),
-                refine.concept_file_input(),
+                inputs.concept_file_input(),
                 concept_list_input(),
             ],
             outputs=[io.Image.Output(tooltip="The labelled grid: rows are prompts, columns 'before' and 'after' per "
@@ -71,7 +71,7 @@ class MACEErasureCheck(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, concept_file="", **kwargs):
-        return refine.concept_file_fingerprint(concept_file)
+        return inputs.concept_file_fingerprint(concept_file)
 
     @classmethod
     def execute(cls, model, erased_model, clip, vae, concepts, concept_type, anchor, other_prompts, preserve, seed,
@@ -97,7 +97,7 @@ def erased_list(erased_model, concepts, concept_type, anchor, concept_file) -> l
     """The box's (and file's) concepts; a blank box means the concepts the erased model records (MACE Erase and Fuse
     note what they erased), so the list need not be typed twice."""
     if (concepts or "").strip() or (concept_file or "").strip() or concept_type == "explicit":
-        return refine.read_concepts(concepts, concept_type, anchor, concept_file)
+        return inputs.read_concepts(concepts, concept_type, anchor, concept_file)
     recorded = erased_concepts(erased_model)
     if not recorded:
         raise MaceInputError("concepts", "no concepts given, and the erased model records none.",

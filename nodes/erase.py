@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..mace_core.errors import MaceInputError
 from ..mace_core.train import PER_TYPE, concept_settings
-from . import attention, fuse, host, refine, sampling, train
+from . import attention, fuse, host, inputs, refine, sampling, train
 from .inputs import concept_list_input, stage_list
 
 log = logging.getLogger("MACE")
@@ -36,18 +36,18 @@ class MACEErase(io.ComfyNode):
                                                 "UNet)."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with this model; its features are the context "
                                               "the cross-attention reads."),
-                *refine.concept_inputs(),
+                *inputs.concept_inputs(),
                 io.Combo.Input("mode", options=list(MODES), default=FULL,
                                tooltip="full: MACE's three stages (refine, train a LoRA per concept, fuse), minutes "
                                        "per concept, the strongest erasure. quick: refinement only, seconds; it "
                                        "already removes most of a concept."),
-                *refine.preserve_inputs("the original", "edit"),
+                *inputs.preserve_inputs("the original", "edit"),
                 # stated, not left to the frontend: it adds a control widget to any 'seed' anyway, and the workflow
                 # generator must know it is there (else saved widget values shift by one after the seed)
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="full mode: seeds the training images, the LoRAs' start and every training "
                                      "step; the same seed gives the same erased model. Not used by quick mode."),
-                refine.concept_file_input(),
+                inputs.concept_file_input(),
                 concept_list_input(),
             ],
             outputs=[io.Model.Output(tooltip="The erased model, ready for KSampler, MACE Erasure Check or MACE Save "
@@ -56,7 +56,7 @@ class MACEErase(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, concept_file="", **kwargs):
-        return refine.concept_file_fingerprint(concept_file)
+        return inputs.concept_file_fingerprint(concept_file)
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, mode, preserve, preservation_strength, lambda_,

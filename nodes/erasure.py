@@ -10,8 +10,8 @@ from ..mace_core.concepts import Concept, split_line, where_line
 from ..mace_core.errors import MaceInputError
 from . import host
 from .fuse import erased_concepts
-from .inputs import concept_list_input, stage_list
-from .loras import MaceLoras, inside, loras_root
+from .inputs import MaceLoras, concept_list_input, stage_list
+from .loras import inside, loras_root
 from .pooled import warn_if_pooled_edit_left_out
 
 log = logging.getLogger("MACE")

@@ -8,8 +8,8 @@ from comfy_api.latest import io
 from ..mace_core.errors import MaceInputError
 from ..mace_core.fuse import fuse
 from . import host
-from .inputs import concept_list_input, preserve_inputs, stage_list
-from .loras import MaceLoras, check_base
+from .inputs import MaceLoras, concept_list_input, preserve_inputs, stage_list
+from .loras import check_base
 from .refine import prior_for
 
 log = logging.getLogger("MACE")

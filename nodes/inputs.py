@@ -1,5 +1,6 @@
-"""The inputs several MACE nodes share, in one place so their names, defaults and tooltips agree, and the reading of
-the concepts they name (the box, then the optional file in ComfyUI's input folder)."""
+"""The inputs several MACE nodes share, in one place so their names, defaults and tooltips agree: the concept boxes,
+preserve and its weights, the concept_list and LoRA-bundle types they pass around, and the reading of the concepts
+they name (the box, then the optional file in ComfyUI's input folder). A node's own inputs stay in its module."""
 
 import logging
 
@@ -14,6 +15,8 @@ log = logging.getLogger("MACE")
 
 # The list MACE Concept List makes and every stage reads (mace_core.concepts.ConceptList), so it is typed once.
 MaceConcepts = io.Custom("MACE_CONCEPTS")
+# The LoRA bundle (mace_core.lora_bundle.LoRABundle) MACE Train and Load LoRAs make and Fuse and the savers read.
+MaceLoras = io.Custom("MACE_LORAS")
 
 
 def concept_inputs() -> list:

@@ -13,12 +13,9 @@ from ..mace_core.concepts import CONCEPT_TYPES, DEFAULT_ANCHORS, parse_concepts
 from ..mace_core.errors import MaceInputError
 from ..mace_core.lora_bundle import LoRABundle
 from . import host
-from .inputs import concept_list_input, stage_list
+from .inputs import MaceLoras, concept_list_input, stage_list
 
 log = logging.getLogger("MACE")
-
-# The bundle type MACE Train produces and Fuse / Save consume.
-MaceLoras = io.Custom("MACE_LORAS")
 
 SUBFOLDER = "mace"
 

@@ -8,15 +8,12 @@ from comfy_api.latest import io
 from ..mace_core.prior import generic_prompts, prior_moment, prompt_set_version
 from ..mace_core.refine import refine
 from . import host
-
-# Also re-exported: nodes/train.py still imports the shared inputs from here.
-from .inputs import (  # noqa: F401,E501
+from .inputs import (
     concept_file_fingerprint,
     concept_file_input,
     concept_inputs,
     concept_list_input,
     preserve_inputs,
-    read_concepts,
     stage_list,
 )
 from .pooled import EDIT_POOLED_DEFAULT, edit_pooled_input, pooled_deltas

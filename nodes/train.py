@@ -40,9 +40,16 @@ from ..mace_core.train import (
     train_batch,
 )
 from . import attention, host
-from .inputs import concept_list_input, latent_samples, stage_list
-from .loras import MaceLoras, inside, loras_root, slug
-from .refine import concept_file_fingerprint, concept_file_input, concept_inputs
+from .inputs import (
+    MaceLoras,
+    concept_file_fingerprint,
+    concept_file_input,
+    concept_inputs,
+    concept_list_input,
+    latent_samples,
+    stage_list,
+)
+from .loras import inside, loras_root, slug
 
 log = logging.getLogger("MACE")
 
