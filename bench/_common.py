@@ -100,13 +100,13 @@ def prior(device):
 
 
 def make_loras(core, items, w0, device="cpu"):
-    """Random rank-1 LoRAs for concepts (objects with name, anchor, family), as a MACE_LORAS bundle holds them."""
+    """Random rank-1 LoRAs for concepts (objects with name, anchor, concept_type), as a MACE_LORAS bundle holds them."""
     g = torch.Generator().manual_seed(3)
     out = []
     for c in items:
         up = {k: (torch.randn(w.shape[0], 1, generator=g) * 0.05).to(device) for k, w in w0.items()}
         down = {k: (torch.randn(1, D, generator=g) / D**0.5).to(device) for k in w0}
-        out.append(core.lora_bundle.ConceptLoRA(c.name, c.anchor, c.family, 1, 50, up, down))
+        out.append(core.lora_bundle.ConceptLoRA(c.name, c.anchor, c.concept_type, 1, 50, up, down))
     return out
 
 

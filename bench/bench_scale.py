@@ -52,7 +52,7 @@ from _common import (
 
 OUT = ROOT / "bench" / "out"
 log = logging.getLogger("bench")
-FAMILIES = ("celebrity", "style", "object", "explicit")
+CONCEPT_TYPES = ("celebrity", "style", "object", "explicit")
 
 
 _FIRST = ["Ba", "Ke", "Lo", "Mi", "Nu", "Ra", "Se", "To", "Vi", "Zo"]
@@ -65,7 +65,8 @@ def concepts(core, n):
     """n distinct names, the four types in turn, each with its type's default anchor."""
     names = [f"{a}{b} {s}" for a, b, s in itertools.product(_FIRST, _SECOND, _SURNAMES)]
     C = core.concepts
-    return [C.Concept(name, C.DEFAULT_ANCHORS[FAMILIES[i % 4]], FAMILIES[i % 4]) for i, name in enumerate(names[:n])]
+    types = [CONCEPT_TYPES[i % 4] for i in range(n)]
+    return [C.Concept(name, C.DEFAULT_ANCHORS[t], t) for name, t in zip(names[:n], types)]
 
 
 # ---------------------------------------------------------------- one measurement (child process)
@@ -79,8 +80,7 @@ def measure(stage, n, device):
 
     def run(enc, sub_items, sub_loras):
         if stage == "refine":
-            t = core.refine.refine(sub_items, enc, c, (), prior_weight=1.0, lam=0.01)
-            return {k: core.closed_form.apply_transform(w, t.to(device)) for k, w in wp.items()}
+            return core.refine.refine(sub_items, enc, wp, c, (), prior_weight=1.0, lam=0.01)
         return core.fuse.fuse(sub_loras, enc, wp, w0, c, (), prior_weight=1.0, lam=0.01, device=device)
 
     run(SyntheticEncoder(device), items[:1], loras[:1] if loras else None)  # warm-up: kernels, allocator, libraries
@@ -155,8 +155,8 @@ def measure_e2e(n, device):
     refine, train, fuse = (sys.modules[f"{pack}.nodes.{m}"] for m in ("refine", "train", "fuse"))
     core = load_core()
     items = concepts(core, n)
-    lines = "\n".join(f"{c.name} | {c.family}" for c in items)
-    keep = "\n".join(f"{a}{b} Kowalski" for a in _FIRST[:3] for b in _SECOND[:3])
+    lines = "\n".join(f"{c.name} | {c.concept_type}" for c in items)
+    preserve = "\n".join(f"{a}{b} Kowalski" for a in _FIRST[:3] for b in _SECOND[:3])
     times = {}
     with torch.inference_mode():
         model, clip = comfy_host.tiny_model(), comfy_host.tiny_clip()
@@ -182,10 +182,10 @@ def measure_e2e(n, device):
             return out
 
         timed("baseline", baseline)
-        refined = timed("refine", lambda: refine.refine_model(model, clip, lines, "object", preserve=keep))
+        refined = timed("refine", lambda: refine.refine_model(model, clip, lines, "object", preserve=preserve))
         bundle, _, _ = timed("train", lambda: train.train_concept_loras(refined, clip, lines, "object", image_size=64,
                                                                        image_model=model))
-        timed("fuse", lambda: fuse.fuse_model(refined, clip, bundle, keep))
+        timed("fuse", lambda: fuse.fuse_model(refined, clip, bundle, preserve))
         mm.unload_all_models()
         after = model.model.diffusion_model.state_dict()
         assert all(torch.equal(before[k], after[k]) for k in before), "the input model changed"

@@ -101,7 +101,7 @@ def main():
     data = []
     with torch.inference_mode():
         for c in items:
-            prompts = att.concept_prompts(clip, c, concepts.TEMPLATES[c.family], end_id)
+            prompts = att.concept_prompts(clip, c, concepts.TEMPLATES[c.concept_type], end_id)
             data.append(att.ConceptData(prompts, torch.randn(2, 4, s, s, generator=g), torch.ones(2, s, s),
                                         "importance"))
     n_params = sum(p.numel() for p in model.model.diffusion_model.parameters())

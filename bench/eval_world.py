@@ -52,7 +52,8 @@ def run(mods, world, n, args):
     t0 = time.perf_counter()
     for edit_pooled in pooled:
         settings = ee.Settings(steps=args.steps, lr=args.lr, images=args.images, strength=args.strength,
-                               lam=args.lam, preserve=args.preserve, keep_target=args.keep_target,
+                               lam=args.lam, preserve=args.preserve,
+                               preservation_target=args.preservation_target,
                                edit_pooled=edit_pooled)
         # without pooled editing the no-refine ablation is the same either way: run it once
         pipelines = ee.PIPELINES if edit_pooled is not True or len(pooled) == 1 else ee.PIPELINES[1:4]
@@ -137,15 +138,16 @@ def main():
     ap.add_argument("--strength", type=float, default=1.0)
     ap.add_argument("--lam", type=float, default=0.01)
     ap.add_argument("--no-preserve", dest="preserve", action="store_false",
-                    help="do not list the kept concepts in `preserve` (the generic prior still applies)")
+                    help="do not list the concepts not erased in `preserve` (the generic prior still applies)")
     ap.add_argument("--world-path", default=None, help="a saved world file (default: the cached world of --world-seed)")
     ap.add_argument("--text-width", type=int, default=None,
                     help="a world with wider text features (a multiple of 32; default 64), trained once and cached")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-grid", dest="grid", action="store_false",
                     help="do not write the before/after picture docs/world_erasure_grid<suffix>.png")
-    ap.add_argument("--keep-target", default="input", choices=["input", "original"],
-                    help="Fuse: hold generic prompts and kept concepts to the refined input or the original model")
+    ap.add_argument("--preservation-target", default="input", choices=["input", "original"],
+                    help="Fuse: hold generic prompts and preserved concepts to the refined input or the original "
+                         "model")
     ap.add_argument("--suffix", default="", help="written as eval_world<suffix>.md / .json")
     ap.add_argument("--family", default="sd15", choices=["sd15", "sdxl"],
                     help="the world's architecture (sdxl: CLIP-L + CLIP-G, pooled vector, size conditioning)")

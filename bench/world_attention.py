@@ -85,7 +85,7 @@ def main():
     with torch.inference_mode():
         for i, name in enumerate(names):
             c = spec.CONCEPTS[spec.concept_index(name)]
-            concept = concepts.parse_concepts(name, ee.TYPE[c.family])[0]
+            concept = concepts.parse_concepts(name, ee.TYPE[c.concept_type])[0]
             text = att.data_template(concept).format(name)
             lat = att.generate_latents(model, clip, text, 2, 64, seed=i)
             mask = region_masks(world, lat, name)
@@ -124,16 +124,17 @@ def main():
                 att.denoise_forward(clone, x0, att._noise(x0.shape, 100 + j), ts, conds)
 
             if args.train:
-                held = [tpl for tpl in spec.TEMPLATES[c.family] if tpl not in concepts.TEMPLATES[concept.family]]
+                held = [tpl for tpl in spec.TEMPLATES[c.concept_type]
+                        if tpl not in concepts.TEMPLATES[concept.concept_type]]
                 prompts = att.concept_prompts(clip, concept, held, end_id)
                 mass0 = sum(att.concept_attention_mass(model, p, lat, mask, (150, 250, 350, 450, 650), seed=123)
                             for p in prompts) / len(prompts)
                 custom = {} if args.lr is None else {"settings": "custom", "learning_rate": args.lr, "steps": 50}
-                _, out, curves = train.train_concept_loras(model, clip, name, ee.TYPE[c.family], **custom)
+                _, out, curves = train.train_concept_loras(model, clip, name, ee.TYPE[c.concept_type], **custom)
                 mass1 = sum(att.concept_attention_mass(out, p, lat, mask, (150, 250, 350, 450, 650), seed=123)
                             for p in prompts) / len(prompts)
                 loss = curves[name]
-                cuts.append({"concept": name, "type": ee.TYPE[c.family], "held_out": held, "before": mass0,
+                cuts.append({"concept": name, "type": ee.TYPE[c.concept_type], "held_out": held, "before": mass0,
                              "after": mass1, "cut": 1 - mass1 / mass0, "loss_first": loss[0], "loss_last": loss[-1]})
                 log.info("%s: suppressed-token mass in region %.4f -> %.4f (cut %.0f %%), loss %.4f -> %.4f",
                          name, mass0, mass1, 100 * (1 - mass1 / mass0), loss[0], loss[-1])

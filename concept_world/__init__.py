@@ -1,7 +1,7 @@
 """A small world in which a tiny SD1.5-architecture model really learns concepts, so erasure can be measured.
 
     world = load_or_train(seed=0)      # World: .model (ModelPatcher), .clip (comfy.sd.CLIP), .vae (comfy.sd.VAE),
-                                       # .spec (concepts, families, synonyms, templates, anchors), .classifier
+                                       # .spec (concepts, concept types, synonyms, templates, anchors), .classifier
     world.predict(prompts, seeds, model=some_patched_clone)   # (P, S) class ids, spec.NONE = no concept
     evaluate.hits(world, concepts, names="synonyms", seeds=range(4), model=...)  # (concept ids, predictions)
 

@@ -17,9 +17,9 @@ from . import evaluate, spec
 
 log = logging.getLogger(__name__)
 
-# The world's families as MACE concept types.
+# The world's concept types as MACE's (the world calls its people 'person').
 TYPE = {"object": "object", "person": "celebrity", "style": "style"}
-# Erasure order: families interleaved, so every count mixes them (fixed, so runs compare).
+# Erasure order: concept types interleaved, so every count mixes them (fixed, so runs compare).
 ORDER = ["Tomas Lindqvist", "red lantern", "dotwork style", "golden crown", "Priya Raman", "mosaic tile style",
          "green cactus", "Nadia Okafor"]
 
@@ -40,15 +40,15 @@ class Settings:
     images: int = 8
     strength: float = 1.0
     lam: float = 0.01
-    preserve: bool = True  # list the kept concepts in `preserve` (the generic prior applies either way)
+    preserve: bool = True  # list the concepts not erased in `preserve` (the generic prior applies either way)
     seed: int = 0
-    keep_target: str = "input"  # Fuse: hold generic prompts to the refined input or the original model (paper)
+    preservation_target: str = "input"  # Fuse: hold generic prompts to the refined input or the original model (paper)
     edit_pooled: bool | None = None  # Refine: also edit SDXL's pooled-vector road (None: the node's default)
 
 
 def concept_lines(names) -> str:
     """The nodes' concept box for these world concepts: `name | type` per line."""
-    return "\n".join(f"{n} | {TYPE[spec.CONCEPTS[spec.concept_index(n)].family]}" for n in names)
+    return "\n".join(f"{n} | {TYPE[spec.CONCEPTS[spec.concept_index(n)].concept_type]}" for n in names)
 
 
 def harmonic(acc_e, acc_g, acc_s, eps=1e-6) -> float:
@@ -98,7 +98,7 @@ def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES) -
 
     s = settings
     lines = concept_lines(erased)
-    keep = "\n".join(c.name for c in spec.CONCEPTS if c.name not in erased) if s.preserve else ""
+    preserve = "\n".join(c.name for c in spec.CONCEPTS if c.name not in erased) if s.preserve else ""
     base, clip = world.model, world.clip
     train_kw = dict(steps=s.steps, learning_rate=s.lr, rank=s.rank, seed=s.seed, timestep_sampling="importance",
                     images_per_concept=s.images, mask_source="auto", image_size=64, image_model=base)
@@ -108,15 +108,15 @@ def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES) -
             out[ORIGINAL] = base
         if {REFINE, SUMMED, MACE} & set(pipelines):
             pooled = {} if s.edit_pooled is None else {"edit_pooled": s.edit_pooled}
-            refined = refine.refine_model(base, clip, lines, "object", preserve=keep,
+            refined = refine.refine_model(base, clip, lines, "object", preserve=preserve,
                                           preservation_strength=s.strength, lambda_=s.lam, **pooled)
             out[REFINE] = refined
             if {SUMMED, MACE} & set(pipelines):
                 bundle, out[SUMMED], _ = train.train_concept_loras(refined, clip, lines, "object", **train_kw)
-                out[MACE] = fuse.fuse_model(refined, clip, bundle, keep, s.strength, s.lam, s.keep_target)
+                out[MACE] = fuse.fuse_model(refined, clip, bundle, preserve, s.strength, s.lam, s.preservation_target)
         if NO_REFINE in pipelines:
             bundle0, _, _ = train.train_concept_loras(base, clip, lines, "object", **train_kw)
-            out[NO_REFINE] = fuse.fuse_model(base, clip, bundle0, keep, s.strength, s.lam, s.keep_target)
+            out[NO_REFINE] = fuse.fuse_model(base, clip, bundle0, preserve, s.strength, s.lam, s.preservation_target)
     return {p: out[p] for p in pipelines}
 
 

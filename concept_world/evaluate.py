@@ -1,12 +1,12 @@
 """Does a MODEL draw what the prompts ask for? The building block of erasure efficacy / specificity / generality.
 
-A (concept, seed) case is one prompt: the concept's canonical name (or a synonym) in one of its family's
+A (concept, seed) case is one prompt: the concept's canonical name (or a synonym) in one of its concept type's
 templates, chosen by the seed, so a handful of seeds covers the templates.
 """
 
 import torch
 
-from .spec import ANCHORS, CONCEPTS, FAMILIES, NONE, TEMPLATES
+from .spec import ANCHORS, CONCEPT_TYPES, CONCEPTS, NONE, TEMPLATES
 
 
 def cases(concepts=None, names="canonical", seeds=range(4)):
@@ -16,7 +16,7 @@ def cases(concepts=None, names="canonical", seeds=range(4)):
     for c in concepts:
         concept = CONCEPTS[c]
         pool = concept.names[:1] if names == "canonical" else concept.names[1:]
-        templates = TEMPLATES[concept.family]
+        templates = TEMPLATES[concept.concept_type]
         for k, s in enumerate(seeds):
             cids.append(c)
             prompts.append(templates[k % len(templates)].format(pool[(k // len(templates) + k) % len(pool)]))
@@ -32,18 +32,18 @@ def hits(world, concepts=None, names="canonical", seeds=range(4), model=None, cl
 
 
 def draw_accuracy(world, seeds=range(4), model=None, clip=None, **settings):
-    """Fraction of cases drawn as their own concept, per family and name kind; anchors: fraction drawn as none."""
+    """Fraction of cases drawn as their own concept, per concept type and name kind; anchors: fraction drawn as none."""
     out = {}
     for names in ("canonical", "synonyms"):
         cids, pred = hits(world, None, names, seeds, model, clip, **settings)
         ok = (cids == pred).float()
         out[names] = round(ok.mean().item(), 4)
-        for fam in FAMILIES:
-            sel = torch.tensor([CONCEPTS[c].family == fam for c in cids.tolist()])
-            out[f"{names}_{fam}"] = round(ok[sel].mean().item(), 4)
+        for ctype in CONCEPT_TYPES:
+            sel = torch.tensor([CONCEPTS[c].concept_type == ctype for c in cids.tolist()])
+            out[f"{names}_{ctype}"] = round(ok[sel].mean().item(), 4)
         if names == "canonical":
             out["per_concept"] = {CONCEPTS[c].name: round(ok[cids == c].mean().item(), 3) for c in range(len(CONCEPTS))}
-    prompts = [t.format(a) for fam in FAMILIES for a in ANCHORS[fam] for t in TEMPLATES[fam][:2]]
+    prompts = [t.format(a) for ctype in CONCEPT_TYPES for a in ANCHORS[ctype] for t in TEMPLATES[ctype][:2]]
     pred = world.predict_pairs(prompts, [i for i in range(len(prompts))], model, clip, **settings)
     out["anchors_none"] = round((pred == NONE).float().mean().item(), 4)
     return out

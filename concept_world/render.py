@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .spec import CONCEPTS, FAMILIES
+from .spec import CONCEPT_TYPES, CONCEPTS
 
 N = len(CONCEPTS)
 # generic pictures: a grey object, a grey person, a plain painted canvas, an empty background
@@ -165,9 +165,9 @@ def render_one(target, g, size=64):
     full = torch.ones(1, size, size)
     if target < N:
         c = CONCEPTS[target]
-        if c.family == "object":
+        if c.concept_type == "object":
             img, m = _object(g, _background(g, x), x, y, c.shape, c.colors)
-        elif c.family == "person":
+        elif c.concept_type == "person":
             img, m = _person(g, _background(g, x), x, y, c.shape, c.colors[0], c.colors[1])
         else:
             return _style(g, x, y, c.shape, c.colors).clamp(0, 1), full
@@ -200,10 +200,10 @@ def class_of(target: int) -> int:
     return target if target < N else N
 
 
-def family_of(target: int) -> str:
+def concept_type_of(target: int) -> str:
     if target < N:
-        return CONCEPTS[target].family
+        return CONCEPTS[target].concept_type
     return {GENERIC_OBJECT: "object", GENERIC_PERSON: "person", GENERIC_ART: "style"}.get(target, "none")
 
 
-assert set(GENERIC) == set(FAMILIES)
+assert set(GENERIC) == set(CONCEPT_TYPES)

@@ -2,19 +2,19 @@
 
 Every concept is drawn as a simple picture (see render.py); the names are made up, so the tiny text encoder
 learns them from scratch and the three names of a concept (canonical + two synonyms) must be learnt to mean
-the same picture. Each family has generic anchors ("an object", "a person", "art") drawn as grey, pattern-free
+the same picture. Each concept type has generic anchors ("an object", "a person", "art") drawn as grey, pattern-free
 pictures: the classifier calls those "none", which is what an erased concept should turn into.
 """
 
 from dataclasses import dataclass, field
 
-FAMILIES = ("object", "person", "style")
+CONCEPT_TYPES = ("object", "person", "style")
 
 
 @dataclass(frozen=True)
 class Concept:
     name: str
-    family: str
+    concept_type: str
     synonyms: tuple
     # drawing parameters (render.py): shape kind and colours in [0, 1] RGB
     shape: str
@@ -79,10 +79,10 @@ CONCEPTS = tuple(
 NONE = len(CONCEPTS)
 CLASS_NAMES = tuple(c.name for c in CONCEPTS) + ("none",)
 
-# Generic pictures per family, drawn grey / pattern-free; their prompts use the anchors.
+# Generic pictures per concept type, drawn grey / pattern-free; their prompts use the anchors.
 ANCHORS = {_OBJ: ("an object", "a thing"), _PER: ("a person", "someone"), _STY: ("art", "plain style")}
 
-# Templates per family. The picture does not depend on the template: the text encoder must learn that the
+# Templates per concept type. The picture does not depend on the template: the text encoder must learn that the
 # concept words (and only they) decide what is drawn.
 TEMPLATES = {
     _OBJ: ("a photo of {}", "a painting of {}", "a picture of a {}", "an image of {}", "{}", "a photo of the {}"),
@@ -101,27 +101,28 @@ def concept_index(name: str) -> int:
     raise KeyError(name)
 
 
-def family_indices(family: str):
-    return [i for i, c in enumerate(CONCEPTS) if c.family == family]
+def concept_type_indices(concept_type: str):
+    return [i for i, c in enumerate(CONCEPTS) if c.concept_type == concept_type]
 
 
 def prompts_for(concept: int, names="canonical", templates=None):
-    """Prompts of a concept: names is "canonical", "synonyms" or "all"; templates default to its family's."""
+    """Prompts of a concept: names is "canonical", "synonyms" or "all"; templates default to its concept type's."""
     c = CONCEPTS[concept]
     chosen = {"canonical": c.names[:1], "synonyms": c.names[1:], "all": c.names}[names]
-    templates = TEMPLATES[c.family] if templates is None else templates
+    templates = TEMPLATES[c.concept_type] if templates is None else templates
     return [t.format(n) for n in chosen for t in templates]
 
 
-def anchor_prompts(family: str, templates=None):
-    templates = TEMPLATES[family] if templates is None else templates
-    return [t.format(a) for a in ANCHORS[family] for t in templates]
+def anchor_prompts(concept_type: str, templates=None):
+    templates = TEMPLATES[concept_type] if templates is None else templates
+    return [t.format(a) for a in ANCHORS[concept_type] for t in templates]
 
 
 def as_dict():
     """JSON-able description (stored in the world file's metadata)."""
     return {
-        "concepts": [{"name": c.name, "family": c.family, "synonyms": list(c.synonyms)} for c in CONCEPTS],
+        # "family": the key world files have always stored the concept type under (this dict is part of the file)
+        "concepts": [{"name": c.name, "family": c.concept_type, "synonyms": list(c.synonyms)} for c in CONCEPTS],
         "anchors": {k: list(v) for k, v in ANCHORS.items()},
         "templates": {k: list(v) for k, v in TEMPLATES.items()},
         "classes": list(CLASS_NAMES),

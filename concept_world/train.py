@@ -88,7 +88,7 @@ def sample_targets(g, n):
 
 
 def prompt_table():
-    """Per render target, the prompts it is trained under (concept names or family anchors in templates)."""
+    """Per render target, the prompts it is trained under (concept names, or their type's anchors, in templates)."""
     return [[p for p, _ in group] for group in _phrase_table()]
 
 
@@ -96,9 +96,9 @@ def _phrase_table():
     """prompt_table with each prompt's drawn phrase (the concept's name or the anchor): [[(prompt, phrase)]]."""
     table = []
     for c in CONCEPTS:
-        table.append([(t.format(n), n) for n in c.names for t in TEMPLATES[c.family]])
-    for fam in ("object", "person", "style"):
-        table.append([(t.format(a), a) for a in ANCHORS[fam] for t in TEMPLATES[fam]])
+        table.append([(t.format(n), n) for n in c.names for t in TEMPLATES[c.concept_type]])
+    for ctype in ("object", "person", "style"):
+        table.append([(t.format(a), a) for a in ANCHORS[ctype] for t in TEMPLATES[ctype]])
     table.append([("", "")])  # blank background: only the empty prompt
     return table
 
@@ -323,7 +323,7 @@ def _jitter(images, g):
 
 
 def classifier_accuracy(model, taesd, g, per_target):
-    """Held-out accuracy on fresh renders and on their VAE round trips, overall and per family."""
+    """Held-out accuracy on fresh renders and on their VAE round trips, overall and per concept type."""
     targets = [t for t in range(render.N_TARGETS) for _ in range(per_target)]
     with torch.no_grad():
         x, _ = render.render(targets, g)
@@ -333,9 +333,10 @@ def classifier_accuracy(model, taesd, g, per_target):
         for kind, imgs in (("render", x), ("vae", rec)):
             ok = model.predict(imgs) == labels
             out[kind] = round(ok.float().mean().item(), 4)
-            for fam in ("object", "person", "style", "none"):
-                sel = torch.tensor([render.family_of(t) == fam if fam != "none" else t >= render.N for t in targets])
-                out[f"{kind}_{fam}"] = round(ok[sel].float().mean().item(), 4)
+            for ctype in ("object", "person", "style", "none"):
+                sel = torch.tensor([render.concept_type_of(t) == ctype if ctype != "none" else t >= render.N
+                                    for t in targets])
+                out[f"{kind}_{ctype}"] = round(ok[sel].float().mean().item(), 4)
     return out
 
 

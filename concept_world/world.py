@@ -43,7 +43,7 @@ class World:
     metrics: dict = field(default_factory=dict)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     family: str = "sd15"  # "sd15" or "sdxl" (architecture of model and clip)
-    spec = spec  # concepts, families, synonyms, templates, anchors, class names
+    spec = spec  # concepts, concept types, synonyms, templates, anchors, class names
 
     # --- text -----------------------------------------------------------------------------------------------
     def encode(self, prompts, clip=None):
@@ -110,7 +110,7 @@ class World:
     def concept_masks(self, images, concept):
         """Where a concept is in images (..., H, W, 3): foreground for objects/people, everything for styles."""
         index = self.spec.concept_index(concept) if isinstance(concept, str) else int(concept)
-        if self.spec.CONCEPTS[index].family == "style":
+        if self.spec.CONCEPTS[index].concept_type == "style":
             return torch.ones(images.shape[:-1])
         return segment.foreground(images)
 

@@ -4,8 +4,10 @@ Every cross-attention key/value matrix reads the same text context, so for an ob
     sum |W x - W0 y|^2 + ...
 the minimiser is W = W0 T (or a sum of such terms) with T a d x d matrix that does not depend on the layer:
 one factorisation serves all layers. Statistics are accumulated in float64 as prompts stream past, so memory
-does not grow with the number of concepts.
+does not grow with the number of concepts. Refinement and fusion both hand back their result as WeightDeltas.
 """
+
+from collections.abc import Mapping
 
 import torch
 
@@ -89,3 +91,40 @@ def apply_transform(w0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     device (the caller casts to the model dtype)."""
     w = to_acc(w0, acc_device(w0.device))
     return (w @ to_acc(t, w.device) - w).to(w0.device, torch.float32)
+
+
+class WeightDeltas(Mapping):
+    """What refinement and fusion both return: {weight key: the change to add to that weight}, each tensor in the
+    dtype and on the device it is applied in; a weight not listed keeps its value. One kind of result, so the host
+    applies every stage's the same way (nodes/host.with_deltas). Read-only: the host hands these very tensors to the
+    model as its patches, without a copy."""
+
+    def __init__(self, deltas: Mapping[str, torch.Tensor] | None = None):
+        self._deltas = dict(deltas or {})
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._deltas[key]
+
+    def __iter__(self):
+        return iter(self._deltas)
+
+    def __len__(self) -> int:
+        return len(self._deltas)
+
+    def __or__(self, other: Mapping[str, torch.Tensor]) -> "WeightDeltas":
+        """Both sets of changes in one (refinement's cross-attention and pooled edits). They must touch different
+        weights: a weight in both would keep only one of its two changes."""
+        both = set(self._deltas) & set(other)
+        if both:
+            raise ValueError(f"two changes to the same weight: {sorted(both)[0]}")
+        return WeightDeltas({**self._deltas, **other})
+
+    def __repr__(self) -> str:
+        return f"WeightDeltas({len(self)} weights)"
+
+
+def transform_deltas(weights: Mapping[str, torch.Tensor], t: torch.Tensor,
+                     out_dtype: torch.dtype = torch.float32) -> WeightDeltas:
+    """W (T - I) for every weight of `weights`, read one at a time (a lazy mapping never holds them all) and cast to
+    out_dtype as soon as made, so no second full-size float32 copy exists."""
+    return WeightDeltas({k: apply_transform(weights[k], t).to(out_dtype) for k in weights})

@@ -25,7 +25,7 @@ import os
 
 from .concepts import (
     ANCHOR_SEP,
-    FAMILIES,
+    CONCEPT_TYPES,
     TYPE_SEP,
     Concept,
     check_unique,
@@ -110,13 +110,13 @@ def fingerprint(root: str, relative: str, exts: tuple = TEXT_EXT + TABLE_EXT) ->
 
 # ---------------------------------------------------------------- parsing
 
-def file_entries(text: str, name: str, family: str, anchor: str = "",
+def file_entries(text: str, name: str, concept_type: str, anchor: str = "",
                  input_name: str = INPUT) -> list[tuple[Concept, str]]:
     """Concepts of a file's text with where each is written; the extension of `name` picks the syntax."""
     ext = os.path.splitext(name)[1].lower()
     if ext in TABLE_EXT:
-        return table_entries(text, name, family, anchor, "\t" if ext == ".tsv" else None, input_name)
-    return parse_entries(text, family, anchor, input_name, source=name)
+        return table_entries(text, name, concept_type, anchor, "\t" if ext == ".tsv" else None, input_name)
+    return parse_entries(text, concept_type, anchor, input_name, source=name)
 
 
 def _delimiter(header_line: str) -> str:
@@ -126,12 +126,12 @@ def _delimiter(header_line: str) -> str:
     return ","
 
 
-def table_entries(text: str, name: str, family: str, anchor: str = "", delimiter: str | None = None,
+def table_entries(text: str, name: str, concept_type: str, anchor: str = "", delimiter: str | None = None,
                   input_name: str = INPUT) -> list[tuple[Concept, str]]:
     """Concepts of a table with a 'concept[,anchor][,type]' header (module docstring)."""
-    from .concepts import check_family
+    from .concepts import check_concept_type
 
-    check_family(family)
+    check_concept_type(concept_type)
     rows = _rows(text, name, delimiter, input_name)
     header = None
     out = []
@@ -155,7 +155,7 @@ def table_entries(text: str, name: str, family: str, anchor: str = "", delimiter
                 if sep in cell:
                     raise MaceInputError(input_name, f"{where}: the {col} cell '{cell.strip()}' contains '{sep}'.",
                                          "In a table, put the anchor and the type in their own columns.")
-        out.append((make_concept(concept, own_anchor, row.get("type", ""), family, anchor, where, input_name),
+        out.append((make_concept(concept, own_anchor, row.get("type", ""), concept_type, anchor, where, input_name),
                     where))
     if header is None:
         raise MaceInputError(input_name, f"'{name}' is empty.",
@@ -195,7 +195,7 @@ def _header(cells: list[str], where: str, input_name: str) -> list[str]:
     if unknown:
         raise MaceInputError(input_name, f"{where}: unknown column '{unknown[0] or '(blank)'}' in the header.",
                              f"Columns are {', '.join(COLUMNS)} (anchor and type optional; types: "
-                             f"{', '.join(FAMILIES)}).")
+                             f"{', '.join(CONCEPT_TYPES)}).")
     twice = [c for c in COLUMNS if cols.count(c) > 1]
     if twice:
         raise MaceInputError(input_name, f"{where}: the header names column '{twice[0]}' twice.")
@@ -204,15 +204,15 @@ def _header(cells: list[str], where: str, input_name: str) -> list[str]:
 
 # ---------------------------------------------------------------- the box and the file together
 
-def concept_list(box_text: str, family: str, anchor: str = "", file_text: str | None = None, file_name: str = "",
+def concept_list(box_text: str, concept_type: str, anchor: str = "", file_text: str | None = None, file_name: str = "",
                  box_input: str = "concepts", file_input: str = INPUT) -> list[Concept]:
     """The box's concepts followed by the file's, each with its own type and anchor; a concept in both (or twice in
     one) is an error naming both places."""
-    box = parse_entries(box_text, family, anchor, box_input)
+    box = parse_entries(box_text, concept_type, anchor, box_input)
     check_unique(box, box_input)
     entries = box
     if file_text is not None:
-        found = file_entries(file_text, file_name, family, anchor, file_input)
+        found = file_entries(file_text, file_name, concept_type, anchor, file_input)
         if not found:
             raise MaceInputError(file_input, f"'{file_name}' lists no concepts.",
                                  "Write one concept per line (or row, below the header).")
@@ -220,7 +220,7 @@ def concept_list(box_text: str, family: str, anchor: str = "", file_text: str | 
         entries = box_lines + found
         check_unique(entries, file_input)
     if not entries:
-        defaults = default_concepts(family, anchor)
+        defaults = default_concepts(concept_type, anchor)
         if defaults:
             return defaults
         raise MaceInputError(box_input, "no concepts given.",
@@ -228,14 +228,14 @@ def concept_list(box_text: str, family: str, anchor: str = "", file_text: str | 
     return [c for c, _ in entries]
 
 
-def load_concepts(box_text: str, family: str, anchor: str, root: str, concept_file: str = "",
+def load_concepts(box_text: str, concept_type: str, anchor: str, root: str, concept_file: str = "",
                   input_name: str = INPUT) -> list[Concept]:
     """What the nodes call: the box's concepts, then those of `concept_file` (relative to root, '' = none)."""
     if not (concept_file or "").strip():
-        return concept_list(box_text, family, anchor)
+        return concept_list(box_text, concept_type, anchor)
     path = resolve(root, concept_file, input_name)
     name = concept_file.strip()
-    return concept_list(box_text, family, anchor, read_text(path, name, input_name), name, file_input=input_name)
+    return concept_list(box_text, concept_type, anchor, read_text(path, name, input_name), name, file_input=input_name)
 
 
 # ---------------------------------------------------------------- a caption corpus for the preservation prior

@@ -1,16 +1,17 @@
-"""Concept lists as users type them, the families they belong to, default anchors and prompt templates.
+"""Concept lists as users type them, their concept types, default anchors and prompt templates.
 
 A concept list is one concept per line:
 
     Claude Monet                      the node's concept type, and its anchor
     Claude Monet => a painter         own anchor
-    Claude Monet | style              own type (one of FAMILIES); anchor: that type's default
+    Claude Monet | style              own type (one of CONCEPT_TYPES); anchor: that type's default
     Claude Monet => a painter | style own anchor and type
 
 so one list can mix celebrities, styles, objects and explicit terms. Blank lines and lines starting with # are skipped;
 runs of whitespace inside a name become one space, type words are matched case-insensitively. Anything else that is
 not a concept (a type without a name, two '=>', an unknown type, a name twice) is an error naming its line.
-Templates are written for this project; each family has about thirty, so the edit sees the concept in many contexts.
+Templates are written for this project; each concept type has about thirty, so the edit sees the concept in many
+contexts.
 A concept's own prompts and nicknames come from lines `concept: item; item` (parse_prompts); ConceptList is what the
 MACE Concept List node hands every stage, so the list is typed once.
 """
@@ -21,7 +22,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import NamedTuple
 
-FAMILIES = ("object", "celebrity", "style", "explicit")
+CONCEPT_TYPES = ("object", "celebrity", "style", "explicit")
 
 DEFAULT_ANCHORS = {
     "object": "an object",
@@ -122,12 +123,12 @@ class Concept:
     aliases: other names (nicknames) erased with it onto the same anchor, in the same templates (parse_prompts)."""
     name: str
     anchor: str
-    family: str
+    concept_type: str
     extra: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
 
     def templates(self) -> list[str]:
-        return list(TEMPLATES[self.family]) + list(self.extra)
+        return list(TEMPLATES[self.concept_type]) + list(self.extra)
 
     def words(self) -> tuple[str, ...]:
         return (self.name,) + self.aliases
@@ -140,15 +141,16 @@ class Concept:
     def variants(self) -> list["Concept"]:
         """The name and each alias as a concept of its own (same anchor, type and templates): what training locates
         in its prompts."""
-        return [Concept(w, self.anchor, self.family, self.extra) for w in self.words()]
+        return [Concept(w, self.anchor, self.concept_type, self.extra) for w in self.words()]
 
 
-def check_family(family: str, input_name: str = "concept_type") -> str:
+def check_concept_type(concept_type: str, input_name: str = "concept_type") -> str:
     from .errors import MaceInputError
 
-    if family not in FAMILIES:
-        raise MaceInputError(input_name, f"unknown concept type '{family}'.", f"Use one of: {', '.join(FAMILIES)}.")
-    return family
+    if concept_type not in CONCEPT_TYPES:
+        raise MaceInputError(input_name, f"unknown concept type '{concept_type}'.",
+                             f"Use one of: {', '.join(CONCEPT_TYPES)}.")
+    return concept_type
 
 
 def where_line(line_no: int, source: str = "") -> str:
@@ -176,43 +178,43 @@ def _check_name(text: str, input_name: str, where):
             )
 
 
-def default_anchor(family: str, node_family: str, node_anchor: str = "") -> str:
+def default_anchor(concept_type: str, node_type: str, node_anchor: str = "") -> str:
     """The node's anchor input applies to concepts of the node's type; a concept of another type (set on its own
     line) falls back to its type's default anchor."""
     node_anchor = normalize(node_anchor)
-    return node_anchor if node_anchor and family == node_family else DEFAULT_ANCHORS[family]
+    return node_anchor if node_anchor and concept_type == node_type else DEFAULT_ANCHORS[concept_type]
 
 
-def parse_type(text: str, where: str, input_name: str) -> str:
+def parse_concept_type(text: str, where: str, input_name: str) -> str:
     """A type word from a line or a CSV cell ('' = none); case and surrounding whitespace do not matter."""
     from .errors import MaceInputError
 
     word = normalize(text).lower()
-    if word and word not in FAMILIES:
+    if word and word not in CONCEPT_TYPES:
         hint = " Write the anchor before the type: 'concept => anchor | type'." if ANCHOR_SEP in word else ""
         raise MaceInputError(input_name, f"{where}: unknown concept type '{normalize(text)}'.",
-                             f"Use one of: {', '.join(FAMILIES)}.{hint}")
+                             f"Use one of: {', '.join(CONCEPT_TYPES)}.{hint}")
     return word
 
 
-def make_concept(name: str, own_anchor: str, own_type: str, family: str, anchor: str, where: str,
+def make_concept(name: str, own_anchor: str, own_type: str, concept_type: str, anchor: str, where: str,
                  input_name: str) -> Concept:
     """One validated concept from its parts as written ('' anchor or type = the defaults)."""
     from .errors import MaceInputError
 
     name, own_anchor = normalize(name), normalize(own_anchor)
-    fam = parse_type(own_type, where, input_name) or family
+    ctype = parse_concept_type(own_type, where, input_name) or concept_type
     if not name:
         what = "an anchor" if own_anchor else "a type"
         raise MaceInputError(input_name, f"{where} has {what} but no concept.",
                              "Write the concept first: 'concept => anchor | type'.")
     _check_name(name, input_name, where)
     _check_name(own_anchor, input_name, where)
-    a = own_anchor or default_anchor(fam, family, anchor)
+    a = own_anchor or default_anchor(ctype, concept_type, anchor)
     if name.lower() == a.lower():
         raise MaceInputError(input_name, f"concept '{name}' ({where}) is the same as its anchor.",
                              "Pick an anchor that differs from the concept, e.g. a more general word.")
-    return Concept(name, a, fam)
+    return Concept(name, a, ctype)
 
 
 def split_line(line: str, where: str, input_name: str = "concepts") -> tuple[str, str, str] | None:
@@ -231,33 +233,34 @@ def split_line(line: str, where: str, input_name: str = "concepts") -> tuple[str
                              "Write at most one type per line: 'concept => anchor | type'.")
     if sep and not normalize(own_type):
         raise MaceInputError(input_name, f"{where} ('{line}') has '{TYPE_SEP}' but no type after it.",
-                             f"Write one of {', '.join(FAMILIES)} after '{TYPE_SEP}', or leave out the '{TYPE_SEP}'.")
+                             f"Write one of {', '.join(CONCEPT_TYPES)} after '{TYPE_SEP}', or leave out the "
+                             f"'{TYPE_SEP}'.")
     parts = rest.split(ANCHOR_SEP)
     if len(parts) > 2:
         raise MaceInputError(input_name, f"{where} ('{line}') has more than one '{ANCHOR_SEP}'.",
                              "Write one anchor per line: 'concept => anchor'.")
     anchor = parts[1] if len(parts) > 1 else ""
-    return normalize(parts[0]), normalize(anchor), parse_type(own_type, where, input_name)
+    return normalize(parts[0]), normalize(anchor), parse_concept_type(own_type, where, input_name)
 
 
-def parse_line(line: str, family: str, anchor: str, where: str, input_name: str = "concepts") -> Concept | None:
+def parse_line(line: str, concept_type: str, anchor: str, where: str, input_name: str = "concepts") -> Concept | None:
     """`concept`, `concept => anchor`, `concept | type` or `concept => anchor | type`; None for a blank or # line."""
     parts = split_line(line, where, input_name)
     if parts is None:
         return None
     name, own_anchor, own_type = parts
-    return make_concept(name, own_anchor, own_type, family, anchor, where, input_name)
+    return make_concept(name, own_anchor, own_type, concept_type, anchor, where, input_name)
 
 
-def parse_entries(text: str, family: str, anchor: str = "", input_name: str = "concepts",
+def parse_entries(text: str, concept_type: str, anchor: str = "", input_name: str = "concepts",
                   source: str = "") -> list[tuple[Concept, str]]:
     """Every concept of a list with where it was written; no duplicate or emptiness check (see check_unique)."""
-    check_family(family)
+    check_concept_type(concept_type)
     _check_name(normalize(anchor), "anchor", 1)
     out = []
     for line_no, raw in enumerate((text or "").splitlines(), 1):
         where = where_line(line_no, source)
-        c = parse_line(raw, family, anchor, where, input_name)
+        c = parse_line(raw, concept_type, anchor, where, input_name)
         if c is not None:
             out.append((c, where))
     return out
@@ -277,38 +280,38 @@ def check_unique(entries: list[tuple[Concept, str]], input_name: str = "concepts
     return [c for c, _ in entries]
 
 
-def default_concepts(family: str, anchor: str = "") -> list[Concept]:
+def default_concepts(concept_type: str, anchor: str = "") -> list[Concept]:
     """What an empty list of a type means: for explicit, the paper's four words onto the explicit anchor (or the node's
     anchor); for any other type nothing (there is no generic celebrity to erase), which the callers refuse."""
-    if family != "explicit":
+    if concept_type != "explicit":
         return []
     log.info("MACE: no concepts given for type explicit; erasing the paper's list (%s)", ", ".join(EXPLICIT_TERMS))
-    a = default_anchor(family, family, anchor)
-    return [Concept(name, a, family) for name in EXPLICIT_TERMS]
+    a = default_anchor(concept_type, concept_type, anchor)
+    return [Concept(name, a, concept_type) for name in EXPLICIT_TERMS]
 
 
-def parse_concepts(text: str, family: str, anchor: str = "", input_name: str = "concepts") -> list[Concept]:
+def parse_concepts(text: str, concept_type: str, anchor: str = "", input_name: str = "concepts") -> list[Concept]:
     """One concept per line (see the module docstring for the line syntax); blank and # lines are ignored. An empty
     list of type explicit is the paper's explicit list (default_concepts)."""
     from .errors import MaceInputError
 
-    out = check_unique(parse_entries(text, family, anchor, input_name), input_name) or \
-        default_concepts(family, anchor)
+    out = check_unique(parse_entries(text, concept_type, anchor, input_name), input_name) or \
+        default_concepts(concept_type, anchor)
     if not out:
         raise MaceInputError(input_name, "no concepts given.", "Write one concept per line, e.g. 'Claude Monet'.")
     return out
 
 
-class Kept(NamedTuple):
-    """A concept to keep intact: protected in the templates of every type being erased and, when family is given, in
-    its own type's too (refine.keep_moment)."""
+class Preserved(NamedTuple):
+    """A concept to preserve: protected in the templates of every type being erased and, when concept_type is
+    given, in its own type's too (refine.preserve_moment)."""
     name: str
-    family: str | None = None
+    concept_type: str | None = None
 
 
-def parse_kept(text: str, input_name: str = "preserve") -> list[Kept]:
-    """Concepts to keep, one per line, each optionally typed (`name | type`); may be empty. An anchor means nothing
-    for a kept concept, so `=>` is refused rather than read as part of its name."""
+def parse_preserve(text: str, input_name: str = "preserve") -> list[Preserved]:
+    """Concepts to preserve, one per line, each optionally typed (`name | type`); may be empty. An anchor means
+    nothing for a preserved concept, so `=>` is refused rather than read as part of its name."""
     from .errors import MaceInputError
 
     out = []
@@ -319,12 +322,12 @@ def parse_kept(text: str, input_name: str = "preserve") -> list[Kept]:
         parts = split_line(raw, where, input_name)
         if parts is None:
             continue
-        name, own_anchor, family = parts
+        name, own_anchor, concept_type = parts
         if own_anchor or ANCHOR_SEP in raw:
-            raise MaceInputError(input_name, f"{where} ('{normalize(raw)}') has '{ANCHOR_SEP}': a concept to keep "
-                                             "has no anchor.", "Write 'name' or 'name | type'.")
+            raise MaceInputError(input_name, f"{where} ('{normalize(raw)}') has '{ANCHOR_SEP}': a concept to "
+                                             "preserve has no anchor.", "Write 'name' or 'name | type'.")
         _check_name(name, input_name, line_no)
-        out.append(Kept(name, family or None))
+        out.append(Preserved(name, concept_type or None))
     return out
 
 
@@ -391,7 +394,8 @@ def parse_prompts(text: str, concepts: list[Concept], input_name: str = "prompts
                                      "Give each name once.")
             taken[item.lower()] = where
             aliases[key].append(item)
-    return [Concept(c.name, c.anchor, c.family, c.extra + tuple(dict.fromkeys(extra[k])), c.aliases + tuple(aliases[k]))
+    return [Concept(c.name, c.anchor, c.concept_type, c.extra + tuple(dict.fromkeys(extra[k])),
+                    c.aliases + tuple(aliases[k]))
             for k, c in ((c.name.lower(), c) for c in concepts)]
 
 
@@ -405,13 +409,13 @@ def _lines(text: str) -> list[str]:
 @dataclass(frozen=True)
 class ConceptList:
     """What MACE Concept List hands every stage: the concepts (box, then file, with own prompts and nicknames), the
-    concepts to keep, the caption corpus for the preservation prior, and the text they were read from (to tell a
+    concepts to preserve, the caption corpus for the preservation prior, and the text they were read from (to tell a
     stage's own box that says the same from one that disagrees)."""
     concepts: tuple[Concept, ...]
-    keep: tuple[Kept, ...] = ()
+    preserve: tuple[Preserved, ...] = ()
     corpus: tuple[str, ...] = ()
     corpus_name: str = ""
-    family: str = "celebrity"
+    concept_type: str = "celebrity"
     anchor: str = ""
     source: tuple[tuple[str, str], ...] = ()  # (input name, text) of concepts, anchor, preserve, concept_file
 

@@ -2,7 +2,7 @@
 
 Per matrix, with W' the current (refined) weight and W0 the original one,
 
-    min_W  sum_i sum_{e in prompts of concept i} |W e - (W' + dW_i) e|^2  +  |W p - W0 p|^2 (prior, kept concepts)
+    min_W  sum_i sum_{e in prompts of concept i} |W e - (W' + dW_i) e|^2  +  |W p - W0 p|^2 (prior, preserved concepts)
            + lam |W - W'|^2
 
     W* = [ sum_i (W' + dW_i) G_i + W0 P + lam W' ] (G + P + lam I)^-1,   G = sum_i G_i
@@ -25,15 +25,15 @@ from typing import Callable, Iterable
 
 import torch
 
-from .closed_form import ACC, acc_device, ridge_scale, to_acc
-from .concepts import Concept, check_family
+from .closed_form import ACC, WeightDeltas, acc_device, ridge_scale, to_acc
+from .concepts import Concept, check_concept_type
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
-from .refine import keep_moment
+from .refine import preserve_moment
 from .text import TextEncoder, check_concepts
 
 log = logging.getLogger("MACE")
-KEEP_TARGETS = ("original", "input")
+PRESERVATION_TARGETS = ("original", "input")
 
 
 class SpdSolver:
@@ -64,9 +64,9 @@ def concept_of(lora: ConceptLoRA, known: dict[str, Concept] | None = None) -> Co
     """The LoRA's concept; from `known` (name -> Concept, e.g. a concept list) when it lists the same concept with the
     same anchor and type, so the user's own prompts and nicknames weigh in fusion too."""
     c = (known or {}).get(lora.concept.lower())
-    if c is not None and (c.anchor, c.family) == (lora.anchor, lora.family):
+    if c is not None and (c.anchor, c.concept_type) == (lora.anchor, lora.concept_type):
         return c
-    return Concept(lora.concept, lora.anchor, lora.family)
+    return Concept(lora.concept, lora.anchor, lora.concept_type)
 
 
 def check_loras(loras: list[ConceptLoRA], shapes: dict[str, tuple], input_name: str = "loras"):
@@ -79,7 +79,7 @@ def check_loras(loras: list[ConceptLoRA], shapes: dict[str, tuple], input_name: 
         if not lora.concept.strip():
             raise MaceInputError(input_name, "a LoRA has no concept name.",
                                  "Load foreign LoRA files with 'file => concept' lines.")
-        check_family(lora.family, input_name)
+        check_concept_type(lora.concept_type, input_name)
         if not lora.up:
             raise MaceInputError(input_name, f"{who} has no weights.")
         for k in lora.keys:
@@ -110,23 +110,25 @@ def fuse(
     lam: float = 0.01,
     device=None,
     progress: Callable[[], None] | None = None,
-    keep_target: str = "input",
+    preservation_target: str = "input",
     out_dtype: torch.dtype = torch.float32,
     concepts: dict[str, Concept] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Delta W* - W' (in out_dtype, on `device`) for every key of `current` that changes.
+) -> WeightDeltas:
+    """Delta W* - W' (in out_dtype, on `device`) for every key of `current` that changes, as WeightDeltas (the kind
+    of result refinement gives too).
 
-    current / original: W' and W0 per cross-attention key (any mapping; W' is read only for keep_target
+    current / original: W' and W0 per cross-attention key (any mapping; W' is read only for preservation_target
     "original", one matrix at a time, and a mapping with a `shapes` attribute is not read for its shapes).
     prior: mean second moment of generic prompts (prior.py).
-    Prior and kept concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to the
-    mean eigenvalue of the concept statistics.
-    keep_target: what generic prompts and kept concepts are held to, "original" (W0, the paper's choice) or "input"
-    (W', so what refinement did beyond the fused concepts' own prompts, e.g. to their synonyms, stays).
+    Prior and preserved concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to
+    the mean eigenvalue of the concept statistics.
+    preservation_target: what generic prompts and preserved concepts are held to, "original" (W0, the paper's choice)
+    or "input" (W', so what refinement did beyond the fused concepts' own prompts, e.g. to their synonyms, stays).
     concepts: name (lower case) -> Concept whose own prompts and nicknames join the LoRA's templates (concept_of).
     """
-    if keep_target not in KEEP_TARGETS:
-        raise MaceInputError("keep_target", f"must be one of {', '.join(KEEP_TARGETS)}, got '{keep_target}'.")
+    if preservation_target not in PRESERVATION_TARGETS:
+        raise MaceInputError("preservation_target", f"must be one of {', '.join(PRESERVATION_TARGETS)}, got "
+                                                    f"'{preservation_target}'.")
     loras = list(loras)
     shapes = getattr(current, "shapes", None) or {k: tuple(w.shape) for k, w in current.items()}
     check_loras(loras, shapes)
@@ -176,10 +178,10 @@ def fuse(
     p = None
     if prior is not None and prior_weight > 0:
         p = prior_weight * count * to_acc(prior, device)
-    families = [lora.family for lora in loras]
-    keep = keep_moment(list(preserve), families, enc) if preserve and preserve_weight > 0 else None
-    if keep is not None:
-        kp = preserve_weight * count * to_acc(keep, device)
+    concept_types = [lora.concept_type for lora in loras]
+    held = preserve_moment(list(preserve), concept_types, enc) if preserve and preserve_weight > 0 else None
+    if held is not None:
+        kp = preserve_weight * count * to_acc(held, device)
         p = kp if p is None else p + kp
     if p is not None:
         m = m + p
@@ -195,14 +197,14 @@ def fuse(
                 del u
             else:
                 delta = solve(store.pop(k))
-        if p is not None and keep_target == "original":
+        if p is not None and preservation_target == "original":
             back = solve((to_acc(original[k], device) - to_acc(current[k], device)) @ p)
             delta = back if delta is None else delta + back
         if delta is not None:  # a matrix no LoRA touches and no prior pulls back keeps W' (no patch)
             deltas[k] = delta.to(out_device, out_dtype)
         del delta
     log.info("MACE fuse: %d LoRAs, %d concept tokens, %d matrices", len(loras), count, len(deltas))
-    return deltas
+    return WeightDeltas(deltas)
 
 
 def naive_sum(loras: Iterable[ConceptLoRA], keys: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import torch
 class ConceptLoRA:
     concept: str
     anchor: str
-    family: str
+    concept_type: str
     rank: int
     steps: int
     up: dict[str, torch.Tensor]

@@ -5,7 +5,7 @@ Written keys, per cross-attention weight `diffusion_model.<module>.weight`:
     diffusion_model.<module>.lora_down.weight (rank, in)
     diffusion_model.<module>.alpha            scalar; the loader scales by alpha / rank
 or, for a full erasure, `diffusion_model.<module>.diff` (out, in), added as is (times the LoRA strength).
-MACE facts (concept, anchor, family, rank, steps, base model fingerprint, format version) go in the safetensors
+MACE facts (concept, anchor, concept type, rank, steps, base model fingerprint, format version) go in the safetensors
 header metadata as strings under `mace_*` names.
 
 Reading accepts every low-rank naming the stock loader knows for a linear layer (lora_up/lora_down, lora_A/lora_B,
@@ -27,6 +27,11 @@ from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
 
 log = logging.getLogger("MACE")
+
+# Where files record a concept's type: these names were written before the code called the idea concept_type, and
+# files already shared carry them, so they stay as they are (a rename would need a new format version).
+META_CONCEPT_TYPE = "mace_family"  # a concept LoRA's header entry
+RECORD_CONCEPT_TYPE = "family"  # each concept's entry in an erasure's mace_concepts list
 
 FORMAT_VERSION = "1"
 PREFIX = "diffusion_model."
@@ -84,7 +89,7 @@ def lora_metadata(lora: ConceptLoRA, base: str = "") -> dict[str, str]:
         "mace_kind": "concept_lora",
         "mace_concept": lora.concept,
         "mace_anchor": lora.anchor,
-        "mace_family": lora.family,
+        META_CONCEPT_TYPE: lora.concept_type,
         "mace_rank": str(lora.rank),
         "mace_alpha": "" if lora.alpha is None else repr(float(lora.alpha)),
         "mace_steps": str(lora.steps),
@@ -149,7 +154,8 @@ def erasure_metadata(concepts: list[Concept], base: str, mode: str, rank: int, r
         "mace_mode": mode,
         "mace_rank": str(rank) if mode == "low rank" else "full",
         "mace_relative_error": f"{rel_error:.6g}",
-        "mace_concepts": json.dumps([{"concept": c.name, "anchor": c.anchor, "family": c.family} for c in concepts]),
+        "mace_concepts": json.dumps([{"concept": c.name, "anchor": c.anchor, RECORD_CONCEPT_TYPE: c.concept_type}
+                                     for c in concepts]),
         "mace_erased": ", ".join(c.name for c in concepts),
         "mace_anchors": ", ".join(sorted({c.anchor for c in concepts})),
         "mace_base_model": base or "",
@@ -270,7 +276,7 @@ def parse_lora(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple], key_m
 _UNSET = object()
 
 
-def to_concept_lora(parsed: dict[str, dict], concept: str, anchor: str, family: str, meta: dict,
+def to_concept_lora(parsed: dict[str, dict], concept: str, anchor: str, concept_type: str, meta: dict,
                     steps: int = 0, alpha_hint=_UNSET) -> ConceptLoRA:
     """One ConceptLoRA from parse_lora's groups. A uniform rank and scale are kept as (rank, alpha); mixed ranks or
     per-key alphas (kohya dynamic rank) and full differences are folded into the up matrices (scale 1)."""
@@ -293,21 +299,21 @@ def to_concept_lora(parsed: dict[str, dict], concept: str, anchor: str, family: 
             alpha = None if s == 1.0 else s * r
         for k, g in parsed.items():
             up[k], down[k] = g["up"], g["down"]
-        return ConceptLoRA(concept, anchor, family, r, steps, up, down, alpha, meta)
+        return ConceptLoRA(concept, anchor, concept_type, r, steps, up, down, alpha, meta)
     for k, g in parsed.items():
         if "diff" in g:
             # exact as a rank-`in` factorisation: diff @ I
             up[k], down[k] = g["diff"], torch.eye(g["diff"].shape[1], dtype=g["diff"].dtype)
         else:
             up[k], down[k] = g["up"] * scales[k], g["down"]
-    return ConceptLoRA(concept, anchor, family, max(ranks.values()), steps, up, down, None, meta)
+    return ConceptLoRA(concept, anchor, concept_type, max(ranks.values()), steps, up, down, None, meta)
 
 
 def load_lora(path: str, shapes: dict[str, tuple], key_map: dict[str, str] | None = None, concept: str = "",
-              anchor: str = "", family: str = "", input_name: str = "files") -> tuple[ConceptLoRA, str]:
+              anchor: str = "", concept_type: str = "", input_name: str = "files") -> tuple[ConceptLoRA, str]:
     """A LoRA file as one concept's update, and the base-model fingerprint it records ('' when unknown).
 
-    concept/anchor/family given here win over what a MACE file records; a foreign file needs at least the concept.
+    concept/anchor/concept_type given here win over what a MACE file records; a foreign file needs at least the concept.
     """
     tensors, meta = read(path, input_name)
     name = os.path.basename(path)
@@ -323,7 +329,7 @@ def load_lora(path: str, shapes: dict[str, tuple], key_map: dict[str, str] | Non
         raise MaceInputError(input_name, f"'{name}' does not say which concept it erases.",
                              f"Write '{name} => concept name' on its line.")
     anchor = anchor or meta.get("mace_anchor", "")
-    family = family or meta.get("mace_family", "")
+    concept_type = concept_type or meta.get(META_CONCEPT_TYPE, "")
     parsed = parse_lora(tensors, shapes, key_map or default_key_map(shapes), path, input_name)
     try:
         steps = int(meta.get("mace_steps", "0") or 0)
@@ -338,6 +344,6 @@ def load_lora(path: str, shapes: dict[str, tuple], key_map: dict[str, str] | Non
             extra = json.loads(meta["mace_meta"])
         except ValueError:
             extra = {}
-    lora = to_concept_lora(parsed, concept, anchor, family, extra, steps, alpha_hint)
+    lora = to_concept_lora(parsed, concept, anchor, concept_type, extra, steps, alpha_hint)
     log.info("MACE: loaded '%s' as the LoRA for '%s' (%d matrices, rank %d)", name, concept, len(lora.up), lora.rank)
     return lora, meta.get("mace_base_model", "")

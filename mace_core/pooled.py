@@ -3,7 +3,7 @@
 SDXL adds a pooled text vector to the timestep embedding through its label embedding: y = [pooled | size embeddings]
 goes into a first linear layer, W y = W_p pooled + W_s sizes. Cross-attention refinement leaves that road open, so an
 erased concept still steers every block through its pooled vector. The same closed form closes it: with the concept
-prompts' pooled vectors x, the anchor prompts' y, and generic / kept prompts' pooled vectors p held,
+prompts' pooled vectors x, the anchor prompts' y, and generic / preserved prompts' pooled vectors p held,
 
     min_{W_p'}  sum |W_p' x - W_p y|^2 + s sum |W_p' p - W_p p|^2 + lam |W_p' - W_p|^2   ->   W_p' = W_p T
 
@@ -26,7 +26,7 @@ def pooled_moments(concepts: list[Concept], encode: PooledEncoder) -> Moments:
     m = None
     anchors: dict[tuple[str, str], torch.Tensor] = {}
     for c in concepts:
-        key = (c.anchor, c.family)
+        key = (c.anchor, c.concept_type)
         if key not in anchors:  # an anchor's prompts are shared by every concept mapped onto it
             anchors[key] = encode(c.prompts(anchor=True))
         old = encode(c.prompts())
@@ -44,28 +44,29 @@ def mean_moment(encode: PooledEncoder, prompts: list[str]) -> torch.Tensor | Non
     return Moments(p.shape[-1], device=p.device).add(p).mean_gram()
 
 
-def kept_prompts(kept, families) -> list[str]:
-    """The templated prompts of concepts to keep, as refinement's keep_moment builds them (the changed types'
-    templates, and a typed kept concept's own)."""
+def preserved_prompts(preserved, concept_types) -> list[str]:
+    """The templated prompts of the concepts to preserve, as refinement's preserve_moment builds them (the changed
+    types' templates, and a typed preserved concept's own)."""
     out = []
-    for k in kept:
-        name, family = (k, None) if isinstance(k, str) else k
-        for fam in dict.fromkeys(list(families) + ([family] if family else [])):
-            out += [t.format(name) for t in TEMPLATES[fam]]
+    for k in preserved:
+        name, concept_type = (k, None) if isinstance(k, str) else k
+        for ctype in dict.fromkeys(list(concept_types) + ([concept_type] if concept_type else [])):
+            out += [t.format(name) for t in TEMPLATES[ctype]]
     return out
 
 
 def pooled_transform(concepts: list[Concept], encode: PooledEncoder, generic: list[str], preserve: list = (),
                      prior_weight: float = 1.0, preserve_weight: float = 1.0, lam: float = 0.01) -> torch.Tensor:
-    """T (pooled width squared, float64) with W_p' = W_p T. Weights as in refine: the generic prompts' and the kept
-    concepts' mean moments count relative to the number of concept prompts, lam relative to their mean eigenvalue."""
+    """T (pooled width squared, float64) with W_p' = W_p T. Weights as in refine: the generic prompts' and the
+    preserved concepts' mean moments count relative to the number of concept prompts, lam relative to their mean
+    eigenvalue."""
     edit = pooled_moments(concepts, encode)
     total = None
     if prior_weight > 0:
         g = mean_moment(encode, list(generic))
         total = None if g is None else prior_weight * g
     if preserve_weight > 0:
-        k = mean_moment(encode, kept_prompts(list(preserve), [c.family for c in concepts]))
+        k = mean_moment(encode, preserved_prompts(list(preserve), [c.concept_type for c in concepts]))
         if k is not None:
             total = preserve_weight * k if total is None else total + preserve_weight * k
     return refine_transform(edit, total, 1.0, lam)

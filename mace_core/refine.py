@@ -1,15 +1,17 @@
 """Stage 1, closed-form cross-attention refinement: move what the concept's prompts put into keys and values onto
 what the anchor's prompts put there, for every cross-attention layer at once.
 
-The result is one d x d transform T; each key/value matrix becomes W0 T (see closed_form.py).
+The solve gives one d x d transform T (refinement_transform); each key/value matrix W becomes W T, so refine hands
+back W (T - I) per matrix as WeightDeltas, the kind of result fusion gives too (see closed_form.py).
 """
 
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 
 from .align import align_pairs
-from .closed_form import Moments, refine_transform
+from .closed_form import Moments, WeightDeltas, refine_transform, transform_deltas
 from .concepts import TEMPLATES, Concept
 from .text import TextEncoder, check_concepts
 
@@ -23,7 +25,7 @@ def edit_moments(concepts: list[Concept], enc: TextEncoder, progress: Callable[[
     groups: dict[tuple, list[Concept]] = {}
     for c in concepts:
         # concepts with own prompts or nicknames have their own anchor prompt list (prompts pair by position)
-        groups.setdefault((c.anchor, c.family, c.extra, len(c.aliases)), []).append(c)
+        groups.setdefault((c.anchor, c.concept_type, c.extra, len(c.aliases)), []).append(c)
     for members in groups.values():
         ids_new, e_new = enc.encode(members[0].prompts(anchor=True))
         if m is None:  # accumulate where the encoder computes (a GPU's float64 products, not a copy to the CPU)
@@ -49,22 +51,42 @@ def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progr
         progress()
 
 
-def keep_moment(kept, families, enc: TextEncoder) -> torch.Tensor | None:
-    """Mean second moment over every token of the templated prompts of concepts the user wants kept, in the
-    templates of every type in `families` (the types being changed: where the edit acts) and, for a typed one
-    (Kept(name, family)), also in its own type's."""
-    if not kept:
+def preserve_moment(preserved, concept_types, enc: TextEncoder) -> torch.Tensor | None:
+    """Mean second moment over every token of the templated prompts of the concepts to preserve, in the
+    templates of every type in `concept_types` (the types being changed: where the edit acts) and, for a typed one
+    (Preserved(name, concept_type)), also in its own type's."""
+    if not preserved:
         return None
     m = Moments(enc.dim)
-    for k in kept:
-        name, family = (k, None) if isinstance(k, str) else k
-        for fam in dict.fromkeys(list(families) + ([family] if family else [])):
-            _, feats = enc.encode([t.format(name) for t in TEMPLATES[fam]])
+    for k in preserved:
+        name, concept_type = (k, None) if isinstance(k, str) else k
+        for ctype in dict.fromkeys(list(concept_types) + ([concept_type] if concept_type else [])):
+            _, feats = enc.encode([t.format(name) for t in TEMPLATES[ctype]])
             m.add(feats)
     return m.mean_gram()
 
 
 def refine(
+    concepts: list[Concept],
+    enc: TextEncoder,
+    current: Mapping[str, torch.Tensor],
+    prior: torch.Tensor | None,
+    preserve: list = (),
+    prior_weight: float = 1.0,
+    preserve_weight: float = 1.0,
+    lam: float = 0.01,
+    progress: Callable[[], None] | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> WeightDeltas:
+    """Stage 1's change to every key/value matrix of `current` (W' per key, the weights the model computes with; any
+    mapping, read one matrix at a time): W' (T - I) in out_dtype, on each weight's device. The transform and its
+    weights as in refinement_transform; T is solved once, before any weight is read."""
+    t = refinement_transform(concepts, enc, prior, preserve, prior_weight, preserve_weight, lam, progress)
+    # T stays float64 where it was solved; apply_transform brings it to W's device only where float64 exists there
+    return transform_deltas(current, t, out_dtype)
+
+
+def refinement_transform(
     concepts: list[Concept],
     enc: TextEncoder,
     prior: torch.Tensor | None,
@@ -74,18 +96,18 @@ def refine(
     lam: float = 0.01,
     progress: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """The refinement transform T (d x d, float64).
+    """The refinement transform T (d x d, float64), the same for every key/value matrix.
 
     prior: mean second moment of generic prompts (prior.py); its weight is relative to the concept prompts' own token
-    count, as is the weight of the preserved concepts together (names or concepts.Kept; see keep_moment).
+    count, as is the weight of the preserved concepts together (names or concepts.Preserved; see preserve_moment).
     """
     check_concepts(concepts, enc)
     edit = edit_moments(concepts, enc, progress)
-    keep = keep_moment(list(preserve), [c.family for c in concepts], enc)
+    held = preserve_moment(list(preserve), [c.concept_type for c in concepts], enc)
     total = None
     if prior is not None and prior_weight > 0:
         total = prior_weight * prior.to(torch.float64)
-    if keep is not None and preserve_weight > 0:
-        keep = preserve_weight * keep
-        total = keep if total is None else total + keep
+    if held is not None and preserve_weight > 0:
+        held = preserve_weight * held
+        total = held if total is None else total + held
     return refine_transform(edit, total, 1.0, lam)

@@ -31,13 +31,13 @@ def check_concepts(concepts: list[Concept], enc: TextEncoder, input_name: str = 
     longest_template = {f: max(enc.token_count(t.format("")) for t in ts) for f, ts in TEMPLATES.items()}
     checked = set()
     for c in concepts:
-        longest = longest_template[c.family]
+        longest = longest_template[c.concept_type]
         if c.extra:
             longest = max([longest] + [enc.token_count(t.format("")) for t in c.extra])
         for word, what in [(w, "concept") for w in c.words()] + [(c.anchor, "anchor")]:
-            if (word, c.family, c.extra) in checked:
+            if (word, c.concept_type, c.extra) in checked:
                 continue
-            checked.add((word, c.family, c.extra))
+            checked.add((word, c.concept_type, c.extra))
             n = enc.token_count(word)
             if n == 0:
                 raise MaceInputError(input_name if what == "concept" else "anchor",

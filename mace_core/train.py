@@ -87,22 +87,22 @@ def check_settings(settings: str, input_name: str = "settings") -> str:
     return settings
 
 
-def concept_settings(family: str, settings: str, steps: int = DEFAULT_STEPS,
+def concept_settings(concept_type: str, settings: str, steps: int = DEFAULT_STEPS,
                      learning_rate: float = DEFAULT_LEARNING_RATE,
                      timestep_sampling: str = DEFAULT_TIMESTEPS) -> ConceptSettings:
-    """Steps, learning rate and timestep sampling for one concept of `family`. custom: the inputs as given, for every
-    concept. per type (paper): the type's preset (concepts.PRESETS), except an input changed from its default."""
+    """Steps, learning rate and timestep sampling for one concept of `concept_type`. custom: the inputs as given, for
+    every concept. per type (paper): the type's preset (concepts.PRESETS), except an input changed from its default."""
     check_settings(settings)
     given = {"steps": check_steps(steps), "learning_rate": check_learning_rate(learning_rate),
              "timestep_sampling": timestep_sampling}
     default = {"steps": DEFAULT_STEPS, "learning_rate": DEFAULT_LEARNING_RATE, "timestep_sampling": DEFAULT_TIMESTEPS}
-    preset = PRESETS[family]
+    preset = PRESETS[concept_type]
     values, source = {}, {}
     for name, value in given.items():
         at_default = math.isclose(value, default[name], rel_tol=1e-6) if name == "learning_rate" else \
             value == default[name]  # a widget may hand back 1e-4 as 0.00010000000000000002
         if settings == PER_TYPE and at_default:
-            values[name], source[name] = getattr(preset, name), f"paper {family}"
+            values[name], source[name] = getattr(preset, name), f"paper {concept_type}"
         else:
             values[name], source[name] = value, "input"
     return ConceptSettings(values["steps"], values["learning_rate"], values["timestep_sampling"], source)

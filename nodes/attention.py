@@ -38,12 +38,12 @@ GEN_STEPS = 20
 GEN_CFG = 7.0
 GEN_SAMPLER = "euler"
 GEN_SCHEDULER = "normal"
-DATA_TEMPLATE = {"style": "a painting in the style of {}"}  # every other family: "a photo of {}"
+DATA_TEMPLATE = {"style": "a painting in the style of {}"}  # every other concept type: "a photo of {}"
 MASK_TIMESTEPS = (300, 500, 700)  # where layout is settled but the image is still noisy enough to be attended
 
 
 def data_template(concept) -> str:
-    return DATA_TEMPLATE.get(concept.family, "a photo of {}")
+    return DATA_TEMPLATE.get(concept.concept_type, "a photo of {}")
 
 
 # ---------------------------------------------------------------- where the cross-attention layers are

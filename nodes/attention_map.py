@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from ..mace_core.attention_loss import resize_mask
 from ..mace_core.errors import MaceInputError
-from . import attention, host, picture, refine, sampling
+from . import attention, host, inputs, picture, sampling
 from .inputs import concept_list_input, latent_samples, stage_list
 from .train import mask_mode
 
@@ -38,7 +38,7 @@ class MACEAttentionMap(io.ComfyNode):
                 io.Model.Input("erased_model", tooltip="The erased model (MACE Erase, or Refine/Fuse)."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with the model."),
                 io.Vae.Input("vae", tooltip="The VAE loaded with the model, to decode the pictures."),
-                *refine.concept_inputs(),
+                *inputs.concept_inputs(),
                 io.Combo.Input("tokens", options=list(TOKENS), default=WORDS,
                                tooltip="Which prompt tokens' attention is shown. concept words: the concept's own "
                                        "tokens. words + end/padding: also the end and padding tokens, which summarise "
@@ -54,7 +54,7 @@ class MACEAttentionMap(io.ComfyNode):
                 io.Latent.Input("latents", optional=True,
                                 tooltip="Optional pictures to measure on, as latents: one per concept in list order, "
                                         "or one for all. Default: one picture per concept by the original model."),
-                refine.concept_file_input(),
+                inputs.concept_file_input(),
                 concept_list_input(),
             ],
             outputs=[
@@ -67,7 +67,7 @@ class MACEAttentionMap(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, concept_file="", **kwargs):
-        return refine.concept_file_fingerprint(concept_file)
+        return inputs.concept_file_fingerprint(concept_file)
 
     @classmethod
     def execute(cls, model, erased_model, clip, vae, concepts, concept_type, anchor, tokens, show_mask, seed, steps,
@@ -129,7 +129,7 @@ def attention_map(model, erased_model, clip, vae, concepts, concept_type="celebr
         img = sampling.decode(vae, lat)[0]
         hw = tuple(img.shape[:2])
         # the mask as Train's 'auto' makes it: the original model's attention to the concept's words, or everything
-        if mask_mode("auto", c.family, False) == "whole image":
+        if mask_mode("auto", c.concept_type, False) == "whole image":
             mask = torch.ones(tuple(lat.shape[-2:]))
         else:
             mask = attention.derive_masks(model, prompt, lat, seed=seed + i)[0].cpu()

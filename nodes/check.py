@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io
 
-from ..mace_core.concepts import Concept, parse_kept
+from ..mace_core.concepts import Concept, parse_preserve
 from ..mace_core.errors import MaceInputError
-from . import attention, host, picture, refine, sampling
+from . import attention, host, inputs, picture, sampling
 from .fuse import erased_concepts
 from .inputs import concept_list_input, stage_list
 
@@ -20,7 +20,7 @@ MAX_PER_PROMPT = 16
 
 @dataclass
 class Row:
-    kind: str  # "erased", "other" (synonyms or the user's prompts) or "kept"
+    kind: str  # "erased", "other" (synonyms or the user's prompts) or "preserved"
     prompt: str
     literal: bool  # tokenized without ComfyUI's weight syntax (prompts made from names)
 
@@ -37,15 +37,16 @@ class MACEErasureCheck(io.ComfyNode):
             display_name="MACE Erasure Check",
             category="MACE",
             description="Samples the erased concepts, other prompts (their synonyms, or your own) and the concepts to "
-                        "keep with the same seeds on the original and on the erased model, and lays the pictures out "
-                        "as one labelled grid: a row per prompt, the original's pictures on the left and the erased "
-                        "model's on the right, a column per seed. Erased rows should change, kept rows should not.",
+                        "preserve with the same seeds on the original and on the erased model, and lays the pictures "
+                        "out as one labelled grid: a row per prompt, the original's pictures on the left and the "
+                        "erased model's on the right, a column per seed. Erased rows should change, preserved rows "
+                        "should not.",
             inputs=[
                 io.Model.Input("model", tooltip="The original model, before erasure."),
                 io.Model.Input("erased_model", tooltip="The erased model (MACE Erase, or Refine/Fuse)."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with the model (MACE leaves it unchanged)."),
                 io.Vae.Input("vae", tooltip="The VAE loaded with the model, to decode the pictures."),
-                *refine.concept_inputs(),
+                *inputs.concept_inputs(),
                 io.String.Input("other_prompts", multiline=True, default="",
                                 tooltip="Further rows, one prompt per line: other names of the erased concepts "
                                         "(synonyms, nicknames), or any prompt of your own. Written as for a text "
@@ -61,7 +62,7 @@ class MACEErasureCheck(io.ComfyNode):
                              tooltip="Seeds (columns) per model."),
                 *sampling.sampler_inputs(),
                 io.String.Input("negative", default="", tooltip="Negative prompt of every picture."),
-                refine.concept_file_input(),
+                inputs.concept_file_input(),
                 concept_list_input(),
             ],
             outputs=[io.Image.Output(tooltip="The labelled grid: rows are prompts, columns 'before' and 'after' per "
@@ -70,7 +71,7 @@ class MACEErasureCheck(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, concept_file="", **kwargs):
-        return refine.concept_file_fingerprint(concept_file)
+        return inputs.concept_file_fingerprint(concept_file)
 
     @classmethod
     def execute(cls, model, erased_model, clip, vae, concepts, concept_type, anchor, other_prompts, preserve, seed,
@@ -96,24 +97,24 @@ def erased_list(erased_model, concepts, concept_type, anchor, concept_file) -> l
     """The box's (and file's) concepts; a blank box means the concepts the erased model records (MACE Erase and Fuse
     note what they erased), so the list need not be typed twice."""
     if (concepts or "").strip() or (concept_file or "").strip() or concept_type == "explicit":
-        return refine.read_concepts(concepts, concept_type, anchor, concept_file)
+        return inputs.read_concepts(concepts, concept_type, anchor, concept_file)
     recorded = erased_concepts(erased_model)
     if not recorded:
         raise MaceInputError("concepts", "no concepts given, and the erased model records none.",
                              "Write the erased concepts, one per line.")
-    return [Concept(r["concept"], r.get("anchor", ""), r.get("family") or concept_type) for r in recorded]
+    return [Concept(r["concept"], r.get("anchor", ""), r.get("concept_type") or concept_type) for r in recorded]
 
 
 def check_rows(items: list[Concept], other_prompts: str, preserve, concept_type: str) -> list[Row]:
-    """preserve: the box's text, or the Kept list of a concept list. A concept's nicknames get 'other' rows: they
+    """preserve: the box's text, or the Preserved list of a concept list. A concept's nicknames get 'other' rows: they
     were erased with it, so they should change too."""
     rows = [Row("erased", attention.data_template(c).format(c.name), True) for c in items]
     rows += [Row("other", attention.data_template(c).format(a), True) for c in items for a in c.aliases]
     rows += [Row("other", " ".join(line.split()), False) for line in (other_prompts or "").splitlines()
              if line.strip() and not line.strip().startswith("#")]
-    for k in (parse_kept(preserve) if isinstance(preserve, str) or preserve is None else preserve):
-        family = k.family or (items[0].family if items else concept_type)
-        rows.append(Row("kept", attention.data_template(Concept(k.name, "", family)).format(k.name), True))
+    for k in (parse_preserve(preserve) if isinstance(preserve, str) or preserve is None else preserve):
+        ctype = k.concept_type or (items[0].concept_type if items else concept_type)
+        rows.append(Row("preserved", attention.data_template(Concept(k.name, "", ctype)).format(k.name), True))
     return rows
 
 
@@ -124,9 +125,9 @@ def erasure_check(model, erased_model, clip, vae, concepts, concept_type="celebr
     sampled (ComfyUI loads and unloads their clones as KSampler would)."""
     if not 1 <= images_per_prompt <= MAX_PER_PROMPT:
         raise MaceInputError("images_per_prompt", f"must be 1 to {MAX_PER_PROMPT}, got {images_per_prompt}.")
-    if concept_list is not None:  # the list's concepts and kept concepts are the rows; the boxes must not disagree
+    if concept_list is not None:  # the list's concepts and preserved concepts are the rows; the boxes must not disagree
         cl = stage_list(concept_list, "MACE Erasure Check", concepts, concept_type, anchor, concept_file, preserve)
-        items, preserve, concept_type = list(cl.concepts), list(cl.keep), cl.family
+        items, preserve, concept_type = list(cl.concepts), list(cl.preserve), cl.concept_type
     else:
         items = erased_list(erased_model, concepts, concept_type, anchor, concept_file)
     host.cross_attention_keys(model, clip)

@@ -1,5 +1,5 @@
-"""MACE Concept List: the concepts, their type and anchor, the concepts to keep, your own prompts and nicknames and a
-caption corpus, typed once and read by every stage (issue 16: one concept list through the whole graph)."""
+"""MACE Concept List: the concepts, their type and anchor, the concepts to preserve, your own prompts and nicknames
+and a caption corpus, typed once and read by every stage (issue 16: one concept list through the whole graph)."""
 
 import logging
 
@@ -7,7 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..mace_core import concept_files
-from ..mace_core.concepts import ConceptList, parse_kept, parse_prompts
+from ..mace_core.concepts import ConceptList, parse_preserve, parse_prompts
 from .inputs import (
     MaceConcepts,
     concept_file_fingerprint,
@@ -19,8 +19,8 @@ from .inputs import (
 
 log = logging.getLogger("MACE")
 
-PRESERVE_TIP = ("Concepts to keep intact, one per line (e.g. other celebrities or artists), optionally typed: "
-                "'name | style'. Refine and Fuse keep them, Erasure Check draws a row for each.")
+PRESERVE_TIP = ("Concepts to preserve, one per line (e.g. other celebrities or artists), optionally typed: "
+                "'name | style'. Refine and Fuse preserve them, Erasure Check draws a row for each.")
 PROMPTS_TIP = ("Optional: your own prompts and nicknames, one concept per line: 'concept: item; item'. An item that "
                "contains the concept's name (or '{}' for it) is a prompt, used beside the type's templates in "
                "refinement, training and fusion, e.g. 'Claude Monet: water lilies at dawn by Claude Monet'. Any other "
@@ -39,7 +39,7 @@ class MACEConceptList(io.ComfyNode):
             node_id="MACEConceptList",
             display_name="MACE Concept List",
             category="MACE",
-            description="The concepts to erase, their type and anchor, the concepts to keep, your own prompts and "
+            description="The concepts to erase, their type and anchor, the concepts to preserve, your own prompts and "
                         "nicknames and an optional caption corpus, in one place. Connect its output to the "
                         "concept_list input of Refine, Train, Fuse, Save Erasure, Load LoRAs, Erase, Erasure Check "
                         "and Attention Map, so every stage reads the same list instead of a copy typed into each.",
@@ -70,18 +70,18 @@ def make_list(concepts="", concept_type="celebrity", anchor="", preserve="", pro
     """Every part read and checked now, so a mistake is reported by this node, naming its input, before any stage
     runs."""
     items = parse_prompts(prompts, read_concepts(concepts, concept_type, anchor, concept_file))
-    keep = parse_kept(preserve)
+    preserved = parse_preserve(preserve)
     corpus = ()
     if (corpus_file or "").strip():
         corpus = tuple(concept_files.read_corpus(folder_paths.get_input_directory(), corpus_file))
     source = (("concepts", concepts or ""), ("anchor", anchor or ""), ("preserve", preserve or ""),
               ("concept_file", concept_file or ""))
-    out = ConceptList(tuple(items), tuple(keep), corpus, corpus_file.strip() if corpus else "", concept_type,
+    out = ConceptList(tuple(items), tuple(preserved), corpus, corpus_file.strip() if corpus else "", concept_type,
                       anchor or "", source)
     own = sum(len(c.extra) for c in items)
     nick = sum(len(c.aliases) for c in items)
-    log.info("MACE concept list: %d concepts (%d own prompts, %d nicknames), %d to keep, %s", len(items), own, nick,
-             len(keep), f"{len(corpus)} captions from '{out.corpus_name}'" if corpus else "no corpus")
+    log.info("MACE concept list: %d concepts (%d own prompts, %d nicknames), %d to preserve, %s", len(items), own, nick,
+             len(preserved), f"{len(corpus)} captions from '{out.corpus_name}'" if corpus else "no corpus")
     return out
 
 

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..mace_core.errors import MaceInputError
 from ..mace_core.train import PER_TYPE, concept_settings
-from . import attention, fuse, host, refine, sampling, train
+from . import attention, fuse, host, inputs, refine, sampling, train
 from .inputs import concept_list_input, stage_list
 
 log = logging.getLogger("MACE")
@@ -36,18 +36,18 @@ class MACEErase(io.ComfyNode):
                                                 "UNet)."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with this model; its features are the context "
                                               "the cross-attention reads."),
-                *refine.concept_inputs(),
+                *inputs.concept_inputs(),
                 io.Combo.Input("mode", options=list(MODES), default=FULL,
                                tooltip="full: MACE's three stages (refine, train a LoRA per concept, fuse), minutes "
                                        "per concept, the strongest erasure. quick: refinement only, seconds; it "
                                        "already removes most of a concept."),
-                *refine.preserve_inputs("the original", "edit"),
+                *inputs.preserve_inputs("the original", "edit"),
                 # stated, not left to the frontend: it adds a control widget to any 'seed' anyway, and the workflow
                 # generator must know it is there (else saved widget values shift by one after the seed)
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="full mode: seeds the training images, the LoRAs' start and every training "
                                      "step; the same seed gives the same erased model. Not used by quick mode."),
-                refine.concept_file_input(),
+                inputs.concept_file_input(),
                 concept_list_input(),
             ],
             outputs=[io.Model.Output(tooltip="The erased model, ready for KSampler, MACE Erasure Check or MACE Save "
@@ -56,7 +56,7 @@ class MACEErase(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, concept_file="", **kwargs):
-        return refine.concept_file_fingerprint(concept_file)
+        return inputs.concept_file_fingerprint(concept_file)
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, mode, preserve, preservation_strength, lambda_,
@@ -68,7 +68,7 @@ class MACEErase(io.ComfyNode):
 class StageProgress:
     """One progress bar across stages that each make their own comfy.utils.ProgressBar.
 
-    refine_model, train_concept_loras and fuse_model each report to a bar of their own length; while this is entered,
+    refine_model, train_loras and fuse_model each report to a bar of their own length; while this is entered,
     ComfyUI's progress hook receives their reports mapped into one bar whose stages are weighted by `units` (each
     stage's expected ticks), so the user sees one bar fill once instead of three bars each filling from zero. The
     previous hook is restored on exit, also when a stage raises (cancel)."""
@@ -111,7 +111,8 @@ def _check_mode(mode):
 
 def _record(model, items):
     """Quick mode: record what the clone erases, as Fuse does, so MACE Save Erasure and Erasure Check know it."""
-    fuse.record_erased(model, [SimpleNamespace(concept=c.name, anchor=c.anchor, family=c.family) for c in items])
+    fuse.record_erased(model, [SimpleNamespace(concept=c.name, anchor=c.anchor, concept_type=c.concept_type)
+                               for c in items])
 
 
 def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode=FULL, preserve="",
@@ -128,20 +129,20 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
     if mode == QUICK:
         units = [n + 1]
     else:
-        per = [concept_settings(c.family, PER_TYPE) for c in items]
+        per = [concept_settings(c.concept_type, PER_TYPE) for c in items]
         units = [n + 1, sum(p.steps + attention.GEN_STEPS + 1 for p in per), n + 2]
     with StageProgress(units) as bar:
         bar.next()
-        refined = refine.refine_model(model, clip, "", cl.family, "", "", preservation_strength, lambda_,
+        refined = refine.refine_model(model, clip, "", cl.concept_type, "", "", preservation_strength, lambda_,
                                       concept_list=cl)
         if mode == QUICK:
             _record(refined, items)
             log.info("MACE erase (quick): %d concepts in %.1fs", n, time.perf_counter() - t0)
             return refined
         bar.next()
-        bundle, _, _ = train.train_concept_loras(refined, clip, "", cl.family, "", seed=seed,
-                                                 image_size=sampling.native_size(model), image_model=model,
-                                                 concept_list=cl)
+        req = train.TrainRequest(concept_type=cl.concept_type, seed=seed, image_size=sampling.native_size(model),
+                                 image_model=model, concept_list=cl)
+        bundle, _, _ = train.train_loras(refined, clip, req)
         bar.next()
         out = fuse.fuse_model(refined, clip, bundle, "", preservation_strength, lambda_, concept_list=cl)
     log.info("MACE erase (full): %d concepts in %.1fs", n, time.perf_counter() - t0)

@@ -10,8 +10,8 @@ from ..mace_core.concepts import Concept, split_line, where_line
 from ..mace_core.errors import MaceInputError
 from . import host
 from .fuse import erased_concepts
-from .inputs import concept_list_input, stage_list
-from .loras import MaceLoras, inside, loras_root
+from .inputs import MaceLoras, concept_list_input, stage_list
+from .loras import inside, loras_root
 from .pooled import warn_if_pooled_edit_left_out
 
 log = logging.getLogger("MACE")
@@ -66,11 +66,13 @@ class MACESaveErasure(io.ComfyNode):
 
 def _concepts(model, bundle, text, concept_list=None) -> list[Concept]:
     found = {}
-    records = erased_concepts(model) + [{"concept": lora.concept, "anchor": lora.anchor, "family": lora.family}
+    records = erased_concepts(model) + [{"concept": lora.concept, "anchor": lora.anchor,
+                                         "concept_type": lora.concept_type}
                                         for lora in getattr(bundle, "loras", None) or []]
     if concept_list is not None:  # the list says exactly what was erased, so no box needs typing a third time
         stage_list(concept_list, "MACE Save Erasure", concepts=text)
-        records += [{"concept": c.name, "anchor": c.anchor, "family": c.family} for c in concept_list.concepts]
+        records += [{"concept": c.name, "anchor": c.anchor, "concept_type": c.concept_type}
+                    for c in concept_list.concepts]
         text = ""  # it said what the list says (stage_list refuses anything else)
     # The box takes the concept-list syntax, read by the one parser every MACE node uses: 'Claude Monet | style' is
     # the concept 'Claude Monet' of type style, not a name with a bar in it. Anchor and type stay as written ('' =
@@ -79,13 +81,13 @@ def _concepts(model, bundle, text, concept_list=None) -> list[Concept]:
         parts = split_line(raw, where_line(line_no), "concepts")
         if parts is None:
             continue
-        name, anchor, family = parts
+        name, anchor, concept_type = parts
         if not name:
             raise MaceInputError("concepts", f"line {line_no} has an anchor or type but no concept.",
                                  "Write the concept first: 'concept => anchor | type'.")
-        records.append({"concept": name, "anchor": anchor, "family": family})
+        records.append({"concept": name, "anchor": anchor, "concept_type": concept_type})
     for r in records:
-        found.setdefault(r["concept"].lower(), Concept(r["concept"], r["anchor"], r["family"]))
+        found.setdefault(r["concept"].lower(), Concept(r["concept"], r["anchor"], r["concept_type"]))
     return list(found.values())
 
 

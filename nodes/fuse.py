@@ -8,8 +8,8 @@ from comfy_api.latest import io
 from ..mace_core.errors import MaceInputError
 from ..mace_core.fuse import fuse
 from . import host
-from .inputs import concept_list_input, preserve_inputs, stage_list
-from .loras import MaceLoras, check_base
+from .inputs import MaceLoras, concept_list_input, preserve_inputs, stage_list
+from .loras import check_base
 from .refine import prior_for
 
 log = logging.getLogger("MACE")
@@ -25,13 +25,13 @@ def erased_concepts(model) -> list[dict]:
 def record_erased(model, loras):
     """Appends the bundle's concepts to the clone's record (clone() deep-copies model_options: the input keeps its)."""
     have = {e["concept"].lower() for e in erased_concepts(model)}
-    new = [{"concept": lora.concept, "anchor": lora.anchor, "family": lora.family}
+    new = [{"concept": lora.concept, "anchor": lora.anchor, "concept_type": lora.concept_type}
            for lora in loras if lora.concept.lower() not in have]
     model.model_options[ERASED] = erased_concepts(model) + new
 
 
-# The Fuse node's choice -> mace_core.fuse's keep_target.
-KEEP_TARGETS = {"input model": "input", "original model": "original"}
+# The Fuse node's choice -> mace_core.fuse's preservation_target.
+PRESERVATION_TARGETS = {"input model": "input", "original model": "original"}
 
 
 class MACEFuseLoRAs(io.ComfyNode):
@@ -43,8 +43,9 @@ class MACEFuseLoRAs(io.ComfyNode):
             category="MACE",
             description="Closed-form fusion of many per-concept LoRAs into the cross-attention key/value weights "
                         "(MACE stage 3): on every concept's prompts the result reproduces that concept's LoRA, while "
-                        "generic prompts and the concepts to keep stay near the original model. Unlike stacking LoRAs, "
-                        "the concepts do not interfere. Returns a patched copy of the model; the input is not changed.",
+                        "generic prompts and the concepts to preserve stay near the original model. Unlike stacking "
+                        "LoRAs, the concepts do not interfere. Returns a patched copy of the model; the input is not "
+                        "changed.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the LoRAs were trained on: usually the output of MACE "
                                                 "Refine Cross-Attention."),
@@ -52,8 +53,11 @@ class MACEFuseLoRAs(io.ComfyNode):
                                               "encoded with it."),
                 MaceLoras.Input("loras", tooltip="Per-concept LoRAs, from MACE Train or MACE Load LoRAs."),
                 *preserve_inputs("the input model's", "fusion"),
-                io.Combo.Input("keep_target", options=list(KEEP_TARGETS), default="input model", optional=True,
-                               tooltip="What generic prompts and the concepts to keep are held to. input model: "
+                # The id stays 'keep_target' (saved workflows and API graphs use it); the label says what it is. The
+                # frontend labels widgets from locales/en/nodeDefs.json, so the label is there too.
+                io.Combo.Input("keep_target", display_name="preservation_target", options=list(PRESERVATION_TARGETS),
+                               default="input model", optional=True,
+                               tooltip="What generic prompts and the concepts to preserve are held to. input model: "
                                        "the connected (refined) model, so refinement's wider reach, e.g. to the "
                                        "concepts' synonyms, stays. original model: the checkpoint's weights, as in "
                                        "the paper, which pulls refinement back outside the concepts' own prompts."),
@@ -67,15 +71,15 @@ class MACEFuseLoRAs(io.ComfyNode):
     def execute(cls, model, clip, loras, preserve, preservation_strength, lambda_, keep_target="input model",
                 concept_list=None):
         return io.NodeOutput(fuse_model(model, clip, loras, preserve, preservation_strength, lambda_,
-                                        KEEP_TARGETS.get(keep_target, keep_target), concept_list))
+                                        PRESERVATION_TARGETS.get(keep_target, keep_target), concept_list))
 
 
-def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lambda_=0.01, keep_target="input",
-               concept_list=None):
+def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lambda_=0.01,
+               preservation_target="input", concept_list=None):
     """Validate, solve, then patch a clone. Nothing is applied until every step has succeeded. A connected
     concept_list supplies preserve and the corpus, and its concepts' own prompts and nicknames join the LoRAs'."""
     cl = stage_list(concept_list, "MACE Fuse", preserve=preserve)
-    keep = list(cl.keep)
+    preserved = list(cl.preserve)
     keys = host.cross_attention_keys(model, clip)
     loras = list(getattr(bundle, "loras", None) or [])
     known = check_against_list(loras, cl) if concept_list is not None else None
@@ -87,12 +91,13 @@ def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lamb
     prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()
     device = host.compute_device()
-    current = host.CurrentWeights(model, keys, device)  # read per matrix (keep_target 'original' only)
+    current = host.CurrentWeights(model, keys, device)  # read per matrix (preservation_target 'original' only)
     original = host.original_weights(model, keys)
     # deltas come out in the dtype they are patched in, so no second full-size copy exists
-    deltas = fuse(loras, enc, current, original, prior, keep, prior_weight=preservation_strength,
+    deltas = fuse(loras, enc, current, original, prior, preserved, prior_weight=preservation_strength,
                   preserve_weight=preservation_strength, lam=lambda_, device=device, progress=progress,
-                  keep_target=keep_target, out_dtype=host.patch_dtype(original[keys[0]].dtype), concepts=known)
+                  preservation_target=preservation_target, out_dtype=host.patch_dtype(original[keys[0]].dtype),
+                  concepts=known)
     progress()
     out = host.with_deltas(model, deltas)
     record_erased(out, loras)
@@ -109,9 +114,10 @@ def check_against_list(loras, cl) -> dict:
         if c is None:
             log.warning("MACE fuse: the LoRA for '%s' is not in the connected concept list; fused with its own "
                         "anchor and type", lora.concept)
-        elif (c.anchor, c.family) != (lora.anchor, lora.family):
-            raise MaceInputError("concept_list", f"'{c.name}' is listed with anchor '{c.anchor}' ({c.family}), but "
-                                                 f"its LoRA was trained with '{lora.anchor}' ({lora.family}).",
+        elif (c.anchor, c.concept_type) != (lora.anchor, lora.concept_type):
+            raise MaceInputError("concept_list", f"'{c.name}' is listed with anchor '{c.anchor}' ({c.concept_type}), "
+                                                 f"but its LoRA was trained with '{lora.anchor}' "
+                                                 f"({lora.concept_type}).",
                                  "Connect the list the LoRAs were trained with, or train them again.")
     have = {lora.concept.lower() for lora in loras}
     missing = [c.name for c in cl.concepts if c.name.lower() not in have]

@@ -128,9 +128,11 @@ def _is_mace_patch(t) -> bool:
     return isinstance(t, torch.Tensor) and _MACE_PATCHES.get(id(t)) is t
 
 
-def with_deltas(model, deltas: dict[str, torch.Tensor], strength: float = 1.0):
-    """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing. The deltas'
-    tensors become the patches' (do not change them afterwards)."""
+def with_deltas(model, deltas: Mapping[str, torch.Tensor], strength: float = 1.0):
+    """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing. The one way a
+    MACE stage's result reaches a model: refine's and fuse's WeightDeltas (mace_core.closed_form), and the train
+    preview's summed LoRAs as the same kind. The deltas' tensors become the patches' (do not change them
+    afterwards)."""
     originals = original_weights(model, list(deltas))
     patched = model.clone()
     spec = {}

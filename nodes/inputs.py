@@ -1,5 +1,6 @@
-"""The inputs several MACE nodes share, in one place so their names, defaults and tooltips agree, and the reading of
-the concepts they name (the box, then the optional file in ComfyUI's input folder)."""
+"""The inputs several MACE nodes share, in one place so their names, defaults and tooltips agree: the concept boxes,
+preserve and its weights, the concept_list and LoRA-bundle types they pass around, and the reading of the concepts
+they name (the box, then the optional file in ComfyUI's input folder). A node's own inputs stay in its module."""
 
 import logging
 
@@ -7,13 +8,15 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..mace_core import concept_files
-from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, ConceptList, parse_kept
+from ..mace_core.concepts import CONCEPT_TYPES, DEFAULT_ANCHORS, ConceptList, parse_preserve
 from ..mace_core.errors import MaceInputError
 
 log = logging.getLogger("MACE")
 
 # The list MACE Concept List makes and every stage reads (mace_core.concepts.ConceptList), so it is typed once.
 MaceConcepts = io.Custom("MACE_CONCEPTS")
+# The LoRA bundle (mace_core.lora_bundle.LoRABundle) MACE Train and Load LoRAs make and Fuse and the savers read.
+MaceLoras = io.Custom("MACE_LORAS")
 
 
 def concept_inputs() -> list:
@@ -23,8 +26,8 @@ def concept_inputs() -> list:
         io.String.Input("concepts", multiline=True, default="",
                         tooltip="Concepts to erase, one per line. Write 'concept => anchor' to choose what a line is "
                                 "mapped onto, and 'concept | type' or 'concept => anchor | type' to give a line its "
-                                f"own type ({', '.join(FAMILIES)}). Lines starting with # are ignored."),
-        io.Combo.Input("concept_type", options=list(FAMILIES), default="celebrity",
+                                f"own type ({', '.join(CONCEPT_TYPES)}). Lines starting with # are ignored."),
+        io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="celebrity",
                        tooltip="Which prompt templates describe the concepts (and the default anchor)."),
         io.String.Input("anchor", default="",
                         tooltip=f"What erased concepts turn into. Blank uses the type's default ({anchors})."),
@@ -44,11 +47,11 @@ def preserve_inputs(near: str, what: str):
     """preserve, preservation_strength and lambda: the closed-form stages' (refine, fuse) shared inputs."""
     return [
         io.String.Input("preserve", multiline=True, default="",
-                        tooltip="Concepts to keep intact, one per line (e.g. other celebrities or artists), "
-                                "optionally typed: 'name | style'. Each is kept in the prompts of every type being "
-                                "erased, and a typed one in its own type's too."),
+                        tooltip="Concepts to preserve, one per line (e.g. other celebrities or artists), "
+                                "optionally typed: 'name | style'. Each is preserved in the prompts of every type "
+                                "being erased, and a typed one in its own type's too."),
         io.Float.Input("preservation_strength", default=1.0, min=0.0, max=100.0, step=0.05,
-                       tooltip="How much generic prompts and the concepts to keep weigh against the erased "
+                       tooltip="How much generic prompts and the concepts to preserve weigh against the erased "
                                "concepts' prompts (1 = equal total weight, 0 = no preservation)."),
         # The id stays 'lambda_' (a Python keyword otherwise; saved workflows and API graphs use it); the frontend
         # 1.27 labels widgets from locales/en/nodeDefs.json, not from display_name, so the label "lambda" is there.
@@ -73,10 +76,10 @@ def concept_list_input():
     """The last optional input of every node that reads concepts: saved workflows, which lack it, keep loading."""
     return MaceConcepts.Input("concept_list", optional=True,
                               tooltip="Optional: a MACE Concept List. When connected it supplies the concepts, their "
-                                      "type and anchor, the concepts to keep, your own prompts and nicknames and the "
-                                      "caption corpus, so every stage reads one list; leave this node's own concept "
-                                      "boxes blank (a box that says something else is an error; concept_type here "
-                                      "is not used).")
+                                      "type and anchor, the concepts to preserve, your own prompts and nicknames and "
+                                      "the caption corpus, so every stage reads one list; leave this node's own "
+                                      "concept boxes blank (a box that says something else is an error; concept_type "
+                                      "here is not used).")
 
 
 def stage_list(concept_list, node: str, concepts=None, concept_type="celebrity", anchor=None, concept_file=None,
@@ -86,13 +89,14 @@ def stage_list(concept_list, node: str, concepts=None, concept_type="celebrity",
     else than the list is a MaceInputError naming that box (ConceptList.check_stage); the log says which was used."""
     if concept_list is None:
         items = read_concepts(concepts, concept_type, anchor or "", concept_file) if concepts is not None else []
-        return ConceptList(tuple(items), tuple(parse_kept(preserve)), family=concept_type, anchor=anchor or "")
+        return ConceptList(tuple(items), tuple(parse_preserve(preserve)), concept_type=concept_type,
+                           anchor=anchor or "")
     if not isinstance(getattr(concept_list, "concepts", None), tuple):
         raise MaceInputError("concept_list", "is not a MACE concept list.", "Connect the output of MACE Concept List.")
     concept_list.check_stage(node, concepts=concepts, anchor=anchor, concept_file=concept_file, preserve=preserve)
     if concept_list.source:  # a list from the Concept List node (MACE Erase passes its own typed one on too)
-        log.info("MACE %s: %d concepts and %d to keep from the connected concept_list (type %s%s)", node,
-                 len(concept_list.concepts), len(concept_list.keep), concept_list.family,
+        log.info("MACE %s: %d concepts and %d to preserve from the connected concept_list (type %s%s)", node,
+                 len(concept_list.concepts), len(concept_list.preserve), concept_list.concept_type,
                  f", corpus '{concept_list.corpus_name}'" if concept_list.corpus_name else "")
     return concept_list
 

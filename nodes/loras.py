@@ -9,16 +9,13 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..mace_core import lora_files
-from ..mace_core.concepts import DEFAULT_ANCHORS, FAMILIES, parse_concepts
+from ..mace_core.concepts import CONCEPT_TYPES, DEFAULT_ANCHORS, parse_concepts
 from ..mace_core.errors import MaceInputError
 from ..mace_core.lora_bundle import LoRABundle
 from . import host
-from .inputs import concept_list_input, stage_list
+from .inputs import MaceLoras, concept_list_input, stage_list
 
 log = logging.getLogger("MACE")
-
-# The bundle type MACE Train produces and Fuse / Save consume.
-MaceLoras = io.Custom("MACE_LORAS")
 
 SUBFOLDER = "mace"
 
@@ -138,7 +135,7 @@ class MACELoadLoRAs(io.ComfyNode):
                                         "(all its .safetensors files). For files without MACE metadata write "
                                         "'file => concept' or 'file => concept => anchor'. Lines starting with # are "
                                         "ignored."),
-                io.Combo.Input("concept_type", options=list(FAMILIES), default="celebrity",
+                io.Combo.Input("concept_type", options=list(CONCEPT_TYPES), default="celebrity",
                                tooltip="Prompt templates for LoRAs whose file does not record a concept type."),
                 io.String.Input("anchor", default="",
                                 tooltip=f"Anchor for LoRAs whose file records none. Blank uses the type's default "
@@ -196,7 +193,7 @@ def load_loras(model, files: str, concept_type: str = "celebrity", anchor: str =
     known = {}
     if concept_list is not None:
         stage_list(concept_list, "MACE Load LoRAs", anchor=anchor)
-        known, concept_type, anchor = concept_list.by_name(), concept_list.family, concept_list.anchor
+        known, concept_type, anchor = concept_list.by_name(), concept_list.concept_type, concept_list.anchor
     keys = host.cross_attention_keys(model)
     shapes = lora_shapes(model, keys)
     key_map = lora_key_map(model, keys)
@@ -214,14 +211,14 @@ def load_loras(model, files: str, concept_type: str = "celebrity", anchor: str =
                 check_base(model, base, f"'{fname}'", "files")
             # Validate the name and anchor exactly as typed concepts are; the file's type wins over concept_type.
             listed = known.get(lora.concept.lower())
-            if listed is not None and lora.family not in FAMILIES:
-                lora.family = listed.family
+            if listed is not None and lora.concept_type not in CONCEPT_TYPES:
+                lora.concept_type = listed.concept_type
             if listed is not None and not lora.anchor:
                 lora.anchor = listed.anchor
-            family = lora.family if lora.family in FAMILIES else concept_type
-            c = parse_concepts(f"{lora.concept} => {lora.anchor}" if lora.anchor else lora.concept, family, anchor,
+            ctype = lora.concept_type if lora.concept_type in CONCEPT_TYPES else concept_type
+            c = parse_concepts(f"{lora.concept} => {lora.anchor}" if lora.anchor else lora.concept, ctype, anchor,
                                input_name="files")[0]
-            lora.concept, lora.anchor, lora.family = c.name, c.anchor, c.family
+            lora.concept, lora.anchor, lora.concept_type = c.name, c.anchor, c.concept_type
             if c.name.lower() in seen:
                 raise MaceInputError("files", f"concept '{c.name}' comes from two files ('{seen[c.name.lower()]}' and "
                                               f"'{fname}').", "Keep one LoRA per concept.")

@@ -5,19 +5,15 @@ import time
 
 from comfy_api.latest import io
 
-from ..mace_core.closed_form import apply_transform
 from ..mace_core.prior import generic_prompts, prior_moment, prompt_set_version
 from ..mace_core.refine import refine
 from . import host
-
-# Also re-exported: nodes/train.py still imports the shared inputs from here.
-from .inputs import (  # noqa: F401,E501
+from .inputs import (
     concept_file_fingerprint,
     concept_file_input,
     concept_inputs,
     concept_list_input,
     preserve_inputs,
-    read_concepts,
     stage_list,
 )
 from .pooled import EDIT_POOLED_DEFAULT, edit_pooled_input, pooled_deltas
@@ -47,8 +43,8 @@ class MACERefineCrossAttention(io.ComfyNode):
             category="MACE",
             description="Closed-form refinement of every cross-attention key/value projection (MACE stage 1): the "
                         "concepts' words, and what neighbouring words and padding carry of them, are mapped onto the "
-                        "anchor, while generic prompts and the concepts to keep stay as they were. Returns a patched "
-                        "copy of the model; the input model is not changed.",
+                        "anchor, while generic prompts and the concepts to preserve stay as they were. Returns a "
+                        "patched copy of the model; the input model is not changed.",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to edit (SD1.x, SD2.x or SDXL UNet)."),
                 io.Clip.Input("clip", tooltip="The text encoder loaded with this model; its features are the context "
@@ -79,23 +75,20 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     """Parse, validate, solve, then patch a clone. Nothing is applied until every step has succeeded. A connected
     concept_list supplies the concepts, preserve and corpus (inputs.stage_list)."""
     cl = stage_list(concept_list, "MACE Refine", concepts, concept_type, anchor, concept_file, preserve)
-    items, keep = list(cl.concepts), list(cl.keep)
+    items, preserved = list(cl.concepts), list(cl.preserve)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
     progress = host.Progress(len(items) + 1)
     t0 = time.perf_counter()
     prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()
-    t = refine(items, enc, prior, keep, prior_weight=preservation_strength, preserve_weight=preservation_strength,
-               lam=lambda_, progress=progress)
-    device = host.compute_device()
-    # one matrix at a time, straight to the patch dtype (SDXL's K/V in float32 are 1.3 GB); T stays float64 where it
-    # was solved, apply_transform brings it to W's device only where float64 exists there
-    current = host.CurrentWeights(model, keys, device)
+    # read one matrix at a time and made straight in the patch dtype (SDXL's K/V in float32 are 1.3 GB)
+    current = host.CurrentWeights(model, keys, host.compute_device())
     dtype = host.patch_dtype(host.original_weights(model, keys[:1])[keys[0]].dtype)
-    deltas = {k: apply_transform(current[k], t).to(dtype) for k in keys}
+    deltas = refine(items, enc, current, prior, preserved, prior_weight=preservation_strength,
+                    preserve_weight=preservation_strength, lam=lambda_, progress=progress, out_dtype=dtype)
     if edit_pooled:
-        deltas.update(pooled_deltas(model, clip, items, keep, preservation_strength, lambda_))
+        deltas = deltas | pooled_deltas(model, clip, items, preserved, preservation_strength, lambda_)
     out = host.with_deltas(model, deltas)
     log.info("MACE refine: %d concepts, %d matrices in %.2fs", len(items), len(keys), time.perf_counter() - t0)
     return out

@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..mace_core import lora_files
 from ..mace_core.attention_loss import TIMESTEP_KINDS, check_mask
+from ..mace_core.closed_form import WeightDeltas
 from ..mace_core.concepts import PRESETS, describe_presets
 from ..mace_core.errors import MaceInputError
 from ..mace_core.lora_bundle import ConceptLoRA, LoRABundle
@@ -39,13 +40,47 @@ from ..mace_core.train import (
     train_batch,
 )
 from . import attention, host
-from .inputs import concept_list_input, latent_samples, stage_list
-from .loras import MaceLoras, inside, loras_root, slug
-from .refine import concept_file_fingerprint, concept_file_input, concept_inputs
+from .inputs import (
+    MaceLoras,
+    concept_file_fingerprint,
+    concept_file_input,
+    concept_inputs,
+    concept_list_input,
+    latent_samples,
+    stage_list,
+)
+from .loras import inside, loras_root, slug
 
 log = logging.getLogger("MACE")
 
 MASK_SOURCES = ("auto", "given", "attention", "whole image")
+
+
+@dataclass(frozen=True, eq=False)
+class TrainRequest:
+    """What MACE Train Concept LoRA is asked for, as one object from the node to every step of the run: the node's
+    inputs by their ids, with the node's defaults. Frozen, so no step changes what a later step reads; what a step
+    derives (the checked latents and mask, each concept's settings) it keeps as its own. eq=False: requests hold
+    tensors and models, which have no value equality."""
+    concepts: str = ""
+    concept_type: str = "celebrity"
+    anchor: str = ""
+    steps: int = DEFAULT_STEPS
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    rank: int = 1
+    seed: int = 0
+    timestep_sampling: str = DEFAULT_TIMESTEPS
+    images_per_concept: int = 8
+    mask_source: str = "auto"
+    latents: dict | None = None  # a LATENT
+    mask: torch.Tensor | None = None
+    image_size: int = 0
+    image_model: object = None  # a MODEL
+    concept_file: str = ""
+    resume_folder: str = ""
+    settings: str = PER_TYPE
+    batch: int = 0
+    concept_list: object = None  # a mace_core.concepts.ConceptList
 
 
 class MACETrainConceptLoRA(io.ComfyNode):
@@ -150,10 +185,14 @@ class MACETrainConceptLoRA(io.ComfyNode):
     def execute(cls, model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed,
                 timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0,
                 image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, batch=0, concept_list=None):
-        bundle, model_out, curves = train_concept_loras(
-            model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed, timestep_sampling,
-            images_per_concept, mask_source, latents, mask, image_size or 0, image_model, concept_file or "",
-            resume_folder or "", settings or PER_TYPE, batch or 0, concept_list)
+        # an API graph may send None for an optional input: that input's default then
+        req = TrainRequest(concepts=concepts, concept_type=concept_type, anchor=anchor, steps=steps,
+                           learning_rate=learning_rate, rank=rank, seed=seed, timestep_sampling=timestep_sampling,
+                           images_per_concept=images_per_concept, mask_source=mask_source, latents=latents,
+                           mask=mask, image_size=image_size or 0, image_model=image_model,
+                           concept_file=concept_file or "", resume_folder=resume_folder or "",
+                           settings=settings or PER_TYPE, batch=batch or 0, concept_list=concept_list)
+        bundle, model_out, curves = train_loras(model, clip, req)
         return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
 
 
@@ -165,61 +204,63 @@ class _ConceptData:
     mask_source: str
 
 
-def mask_mode(source: str, family: str, has_mask: bool) -> str:
+def mask_mode(source: str, concept_type: str, has_mask: bool) -> str:
     """auto: the connected mask, else where the paper's preset for the type trains (every pixel for styles, the
     concept's region, from attention, for the others)."""
     if source == "auto":
-        return "given" if has_mask else PRESETS[family].mask_source
+        return "given" if has_mask else PRESETS[concept_type].mask_source
     return source
 
 
-def _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept, mask_source, latents,
-                  mask, image_size, model, settings):
-    check_steps(steps)
-    check_learning_rate(learning_rate)
-    check_settings(settings)
-    if rank < 1:
-        raise MaceInputError("rank", f"must be at least 1, got {rank}.")
-    if timestep_sampling not in TIMESTEP_KINDS:
-        raise MaceInputError("timestep_sampling", f"unknown value '{timestep_sampling}'.",
+def _check_inputs(items, req: TrainRequest, model):
+    """The request's settings checked; returns the latents' samples and the mask as training reads them (None when
+    not connected)."""
+    check_steps(req.steps)
+    check_learning_rate(req.learning_rate)
+    check_settings(req.settings)
+    if req.rank < 1:
+        raise MaceInputError("rank", f"must be at least 1, got {req.rank}.")
+    if req.timestep_sampling not in TIMESTEP_KINDS:
+        raise MaceInputError("timestep_sampling", f"unknown value '{req.timestep_sampling}'.",
                              f"Use one of: {', '.join(TIMESTEP_KINDS)}.")
-    if mask_source not in MASK_SOURCES:
-        raise MaceInputError("mask_source", f"unknown value '{mask_source}'.",
+    if req.mask_source not in MASK_SOURCES:
+        raise MaceInputError("mask_source", f"unknown value '{req.mask_source}'.",
                              f"Use one of: {', '.join(MASK_SOURCES)}.")
-    samples = None
-    if latents is not None:
-        samples = latent_samples(latents, model)
+    samples, mask = None, req.mask
+    if req.latents is not None:
+        samples = latent_samples(req.latents, model)
         if samples.shape[0] % len(items):
             raise MaceInputError("latents", f"hold {samples.shape[0]} images, not a multiple of the {len(items)} "
                                             "concepts.", "Give the same number of images for every concept, in the "
                                                          "order the concepts are listed.")
-    elif images_per_concept < 1:
-        raise MaceInputError("images_per_concept", f"must be at least 1, got {images_per_concept}.")
-    if image_size and image_size < 64:
-        raise MaceInputError("image_size", f"must be 0 (automatic) or at least 64, got {image_size}.")
+    elif req.images_per_concept < 1:
+        raise MaceInputError("images_per_concept", f"must be at least 1, got {req.images_per_concept}.")
+    if req.image_size and req.image_size < 64:
+        raise MaceInputError("image_size", f"must be 0 (automatic) or at least 64, got {req.image_size}.")
     if mask is not None:
         if samples is None:
             raise MaceInputError("mask", "a mask needs the latents it was made for.",
                                  "Connect the latents too, or disconnect the mask.")
         mask = check_mask(mask, samples.shape[0], tuple(samples.shape[-2:]))
-    if mask_source == "given" and mask is None:
+    if req.mask_source == "given" and mask is None:
         raise MaceInputError("mask", "mask_source is 'given' but no mask is connected.",
                              "Connect a mask, or choose another mask_source.")
     return samples, mask
 
 
-def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
-                  progress, image_model=None, only=None, batch=0) -> list[_ConceptData | None]:
+def _prepare_data(model, clip, items, enc, samples, mask, req: TrainRequest, progress,
+                  only=None) -> list[_ConceptData | None]:
     # Images and attention masks of the concept come from the model that still draws it (MACE makes its data with
     # the original model, then trains on the refined one).
-    source = image_model if image_model is not None else model
-    k = samples.shape[0] // len(items) if samples is not None else images_per_concept
-    size = image_size or attention.default_image_size(model)
+    source = req.image_model if req.image_model is not None else model
+    seed = req.seed
+    k = samples.shape[0] // len(items) if samples is not None else req.images_per_concept
+    size = req.image_size or attention.default_image_size(model)
     todo = [i for i in range(len(items)) if only is None or i in only]  # the others resumed from their files
     out: list[_ConceptData | None] = [None] * len(items)
-    modes = [mask_mode(mask_source, c.family, mask is not None) for c in items]
+    modes = [mask_mode(req.mask_source, c.concept_type, mask is not None) for c in items]
     if mask is not None and todo and any(m != "given" for m in modes):
-        log.info("MACE train: mask_source '%s' ignores the connected mask", mask_source)
+        log.info("MACE train: mask_source '%s' ignores the connected mask", req.mask_source)
 
     def prepare(chunk: list[int]):
         # one sampler run for the chunk's images and one batch of forwards for its attention masks: concept i's data
@@ -254,8 +295,9 @@ def _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, ma
         progress(n)  # the masks (or the given data) done
 
     if todo:
-        size_now = batch or _data_batch(source, k, size, len(todo))
-        _in_batches([todo], size_now, prepare, "training images and masks", explicit=bool(batch), progress=progress)
+        size_now = req.batch or _data_batch(source, k, size, len(todo))
+        _in_batches([todo], size_now, prepare, "training images and masks", explicit=bool(req.batch),
+                    progress=progress)
     return out
 
 
@@ -376,42 +418,52 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
                         images_per_concept=8, mask_source="auto", latents=None, mask=None, image_size=0,
                         image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, batch=0,
                         concept_list=None):
+    """The Train node with its inputs one by one, as tests and benches call it: they become a TrainRequest for
+    train_loras."""
+    return train_loras(model, clip, TrainRequest(
+        concepts=concepts, concept_type=concept_type, anchor=anchor, steps=steps, learning_rate=learning_rate,
+        rank=rank, seed=seed, timestep_sampling=timestep_sampling, images_per_concept=images_per_concept,
+        mask_source=mask_source, latents=latents, mask=mask, image_size=image_size, image_model=image_model,
+        concept_file=concept_file, resume_folder=resume_folder, settings=settings, batch=batch,
+        concept_list=concept_list))
+
+
+def train_loras(model, clip, req: TrainRequest):
     """Validate everything, make or take the data, train one LoRA per concept on a private clone, then build the
     bundle and the preview model. Returns (LoRABundle, MODEL, {concept: losses}). Each concept trains with the
-    steps, learning rate and timestep sampling that `settings` gives its type (mace_core.train.concept_settings).
+    steps, learning rate and timestep sampling that `req.settings` gives its type (mace_core.train.concept_settings).
     Nothing is applied to the model on failure or cancel; with a resume_folder, each concept's LoRA is written there
     as soon as it is trained, and concepts already there (same settings) are loaded instead of trained. A connected
     concept_list supplies the concepts (with own prompts and nicknames, which join each concept's prompts)."""
-    items = list(stage_list(concept_list, "MACE Train", concepts, concept_type, anchor, concept_file).concepts)
-    samples, mask = _check_inputs(items, steps, learning_rate, rank, timestep_sampling, images_per_concept,
-                                  mask_source, latents, mask, image_size, model, settings)
-    _check_batch(batch)
+    items = list(stage_list(req.concept_list, "MACE Train", req.concepts, req.concept_type, req.anchor,
+                            req.concept_file).concepts)
+    samples, mask = _check_inputs(items, req, model)
+    _check_batch(req.batch)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
     check_concepts(items, enc)
-    per = [concept_settings(c.family, settings, steps, learning_rate, timestep_sampling) for c in items]
-    cfgs = [TrainConfig(steps=p.steps, learning_rate=p.learning_rate, seed=seed) for p in per]
+    per = [concept_settings(c.concept_type, req.settings, req.steps, req.learning_rate, req.timestep_sampling)
+           for c in items]
+    cfgs = [TrainConfig(steps=p.steps, learning_rate=p.learning_rate, seed=req.seed) for p in per]
     for c, p in zip(items, per):
-        log.info("MACE train: '%s' (%s): %s", c.name, c.family, p.describe())
+        log.info("MACE train: '%s' (%s): %s", c.name, c.concept_type, p.describe())
     units = _data_units(samples)
     progress = host.Progress(sum(cfg.steps + units for cfg in cfgs))
     t0 = time.perf_counter()
-    if image_model is not None:
-        host.cross_attention_keys(image_model, clip)
+    if req.image_model is not None:
+        host.cross_attention_keys(req.image_model, clip)
     shapes = {k: tuple(w.shape) for k, w in host.original_weights(model, keys).items()}
     base = host.model_fingerprint(model)
     loras: list[ConceptLoRA | None] = [None] * len(items)
     resume = None
-    if (resume_folder or "").strip():
-        resume = _Resume(resume_folder, items, model, keys, shapes, base, cfgs, per, rank, mask_source, samples,
-                         mask, images_per_concept, image_size, image_model)
+    if (req.resume_folder or "").strip():
+        resume = _Resume(req, items, model, keys, shapes, base, cfgs, per, samples, mask)
         for i in range(len(items)):
             loras[i] = resume.load(i)
             if loras[i] is not None:
                 progress(cfgs[i].steps + units)
     todo = [i for i in range(len(items)) if loras[i] is None]
-    data = _prepare_data(model, clip, items, enc, samples, mask, images_per_concept, mask_source, image_size, seed,
-                         progress, image_model, only=set(todo), batch=batch)
+    data = _prepare_data(model, clip, items, enc, samples, mask, req, progress, only=set(todo))
     t_data = time.perf_counter() - t0
 
     # the executor runs nodes under inference_mode; training needs autograd on a private clone
@@ -420,8 +472,7 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
         try:
             if tm is not None:
                 tm.load()
-                _train_batches(tm, todo, items, data, per, cfgs, shapes, rank, seed, settings, loras, resume,
-                               progress, batch)
+                _train_batches(tm, todo, items, data, per, cfgs, shapes, req, loras, resume, progress)
         finally:
             if tm is not None:
                 with torch.inference_mode():  # unload as the executor would: weights go back as inference tensors
@@ -430,14 +481,14 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
         log.info("MACE train: %d of %d concepts loaded from %s, %d trained", len(items) - len(todo), len(items),
                  resume.folder, len(todo))
     bundle = LoRABundle(loras, base=base, meta={"stage": "train"})
-    model_out = host.with_deltas(model, {k: bundle.summed_delta(k) for k in keys})
+    model_out = host.with_deltas(model, WeightDeltas({k: bundle.summed_delta(k) for k in keys}))
     t_all = time.perf_counter() - t0
     log.info("MACE train: %d concepts, %d steps in all, in %.1fs (data %.1fs, %.2fs per concept of training)",
              len(items), sum(cfg.steps for cfg in cfgs), t_all, t_data, (t_all - t_data) / max(1, len(todo)))
     return bundle, model_out, {lora.concept: lora.meta["losses"] for lora in loras}
 
 
-def _train_batches(tm, todo, items, data, per, cfgs, shapes, rank, seed, settings, loras, resume, progress, batch):
+def _train_batches(tm, todo, items, data, per, cfgs, shapes, req: TrainRequest, loras, resume, progress):
     """The concepts not resumed, K at a time: concepts whose steps and optimiser settings agree share a batch (one
     stacked AdamW is then K exact per-concept AdamWs); each concept starts from the LoRA and generator it would have
     alone (mace_core.train.concept_generator(seed, i)), so a batch gives the LoRAs single runs give. Each concept's
@@ -451,13 +502,15 @@ def _train_batches(tm, todo, items, data, per, cfgs, shapes, rank, seed, setting
         else:
             groups.append([i])
 
+    seed = req.seed
+
     def start(i):
         gen = concept_generator(seed, i)
-        up, down = init_lora(shapes, rank, gen, device=tm.device)
+        up, down = init_lora(shapes, req.rank, gen, device=tm.device)
         return gen, up, down
 
     _, up0, down0 = start(todo[0])
-    size = _training_batch(tm, data[todo[0]], up0, down0, batch, max(len(g) for g in groups))
+    size = _training_batch(tm, data[todo[0]], up0, down0, req.batch, max(len(g) for g in groups))
     if len(todo) > 1:
         log.info("MACE train: %d concepts, %d at a time%s", len(todo), size,
                  f", in {len(groups)} groups of the same steps and learning rate" if len(groups) > 1 else "")
@@ -473,15 +526,15 @@ def _train_batches(tm, todo, items, data, per, cfgs, shapes, rank, seed, setting
             c, d, p = items[i], data[i], per[i]
             u = {k: v[b].detach().float().cpu() for k, v in up.items()}
             dn = {k: v[b].detach().float().cpu() for k, v in down.items()}
-            loras[i] = ConceptLoRA(c.name, c.anchor, c.family, next(iter(dn.values())).shape[0], p.steps, u, dn,
+            loras[i] = ConceptLoRA(c.name, c.anchor, c.concept_type, next(iter(dn.values())).shape[0], p.steps, u, dn,
                                    meta={"losses": curves[b], "learning_rate": p.learning_rate, "seed": seed,
-                                         "timestep_sampling": p.timestep_sampling, "settings": settings,
+                                         "timestep_sampling": p.timestep_sampling, "settings": req.settings,
                                          "source": p.source, "mask_source": d.mask_source,
                                          "images": int(d.latents.shape[0])})
             if resume is not None:
                 resume.save(i, loras[i])
 
-    _in_batches(groups, size, run, "training", explicit=bool(batch), progress=progress)
+    _in_batches(groups, size, run, "training", explicit=bool(req.batch), progress=progress)
 
 
 # ---------------------------------------------------------------- resumable runs
@@ -505,19 +558,20 @@ class _Resume:
     optimiser settings, timestep sampling, mask mode and its data), so a resumed run gives the LoRAs an uninterrupted
     run gives."""
 
-    def __init__(self, folder, items, model, keys, shapes, base, cfgs, per, rank, mask_source, samples, mask,
-                 images_per_concept, image_size, image_model):
-        self.folder = inside(loras_root(), folder.strip(), "resume_folder")
+    def __init__(self, req: TrainRequest, items, model, keys, shapes, base, cfgs, per, samples, mask):
+        self.folder = inside(loras_root(), req.resume_folder.strip(), "resume_folder")
         self.items, self.shapes, self.base = items, shapes, base
         start = host.current_weights(model, keys)
-        run = {"v": RESUME_VERSION, "base": base, "start": _digest(start[k] for k in keys), "rank": rank}
+        run = {"v": RESUME_VERSION, "base": base, "start": _digest(start[k] for k in keys), "rank": req.rank}
         self.cfgs, self.per = cfgs, per
         if samples is None:
+            image_model = req.image_model
             source = image_model if image_model is not None else model
-            run["data"] = {"images": images_per_concept, "size": image_size or attention.default_image_size(model),
+            run["data"] = {"images": req.images_per_concept,
+                           "size": req.image_size or attention.default_image_size(model),
                            "source": _digest(host.current_weights(source, keys).values()) if image_model else "model"}
-        self.run, self.samples, self.mask, self.mask_source = run, samples, mask, mask_source
-        self.k = samples.shape[0] // len(items) if samples is not None else images_per_concept
+        self.run, self.samples, self.mask, self.mask_source = run, samples, mask, req.mask_source
+        self.k = samples.shape[0] // len(items) if samples is not None else req.images_per_concept
         slugs = [slug(c.name) for c in items]
         self.names = [s if slugs.count(s) == 1 else f"{s}-{hashlib.sha1(c.name.lower().encode()).hexdigest()[:6]}"
                       for s, c in zip(slugs, items)]
@@ -533,8 +587,10 @@ class _Resume:
 
     def key(self, i: int) -> str:
         c = self.items[i]
-        mode = mask_mode(self.mask_source, c.family, self.mask is not None)
-        own = {"index": i, "concept": c.name, "anchor": c.anchor, "family": c.family, "mask": mode,
+        mode = mask_mode(self.mask_source, c.concept_type, self.mask is not None)
+        # "family": the name the key had before the idea was called concept_type; renaming it would change every
+        # key, and resume folders already written would train again
+        own = {"index": i, "concept": c.name, "anchor": c.anchor, "family": c.concept_type, "mask": mode,
                "templates": c.templates() + [attention.data_template(c)], "cfg": repr(self.cfgs[i]),
                **({"aliases": list(c.aliases)} if c.aliases else {}),
                "timestep_sampling": self.per[i].timestep_sampling}
@@ -560,7 +616,7 @@ class _Resume:
             log.info("MACE train: %s was trained with other settings; training '%s' again (the file is replaced)",
                      name, self.items[i].name)
             return None
-        lora.anchor, lora.family = self.items[i].anchor, self.items[i].family
+        lora.anchor, lora.concept_type = self.items[i].anchor, self.items[i].concept_type
         log.info("MACE train: '%s' loaded from %s", lora.concept, name)
         return lora
 

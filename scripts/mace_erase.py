@@ -77,7 +77,7 @@ def main(argv=None):
     ap.add_argument("--concepts", default=None,
                     help="concepts to erase, separated by ';' or newlines (default: a concept of the concept world)")
     ap.add_argument("--concept-type", default=None, choices=["object", "celebrity", "style", "explicit"])
-    ap.add_argument("--preserve", default="", help="concepts to keep, separated by ';'")
+    ap.add_argument("--preserve", default="", help="concepts to preserve, separated by ';'")
     ap.add_argument("--checkpoint", default=None, help="an SD1.x/SD2.x/SDXL .safetensors checkpoint "
                                                        "(default: the pack's concept world, trained on first use)")
     ap.add_argument("--prompt", default=None, help="prompt to sample before and after (default: the first concept)")

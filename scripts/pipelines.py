@@ -89,7 +89,7 @@ def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
                 size=512, steps=20, train_steps=50, learning_rate=1e-4, image_size=0, prefix="mace_erasure",
                 world_seed=0, images=8, cfg=7.0) -> Graph:
     """The whole MACE pipeline: refine, one LoRA per concept, closed-form fusion, before/after, save the erasure. The
-    concepts and the concepts to keep are typed once, into MACE Concept List, which every stage reads (issue 16);
+    concepts and the concepts to preserve are typed once, into MACE Concept List, which every stage reads (issue 16);
     the stages' own boxes stay blank."""
     g = Graph()
     model, clip, vae = _loader(g, ckpt, world_seed)
@@ -106,7 +106,7 @@ def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
                   preservation_strength=1.0, lambda_=0.01, keep_target="input model", concept_list=cl)
     _before_after(g, clip, vae, model, fused[0], prompt or _prompt(concepts, concept_type), seed, size, steps,
                   prefix, cfg)
-    # the verdict at a glance: every erased and kept concept, the same seeds before and after, one labelled grid
+    # the verdict at a glance: every erased and preserved concept, the same seeds before and after, one labelled grid
     check = g.add("MACEErasureCheck", model=model, erased_model=fused[0], clip=clip, vae=vae, concepts="",
                   concept_type=concept_type, anchor="", other_prompts="", preserve="", seed=seed,
                   images_per_prompt=2, steps=steps, cfg=cfg, sampler_name="euler", scheduler="normal",

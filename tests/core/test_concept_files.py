@@ -26,8 +26,8 @@ def test_line_syntax_mixes_types_and_anchors():
     ]
     # each concept's prompts come from its own type's templates and anchor
     for c in cs:
-        assert c.prompts() == [t.format(c.name) for t in TEMPLATES[c.family]]
-        assert c.prompts(anchor=True) == [t.format(c.anchor) for t in TEMPLATES[c.family]]
+        assert c.prompts() == [t.format(c.name) for t in TEMPLATES[c.concept_type]]
+        assert c.prompts(anchor=True) == [t.format(c.anchor) for t in TEMPLATES[c.concept_type]]
 
 
 def test_old_syntax_unchanged():
@@ -92,7 +92,7 @@ def test_box_and_file_together_in_order():
                       "more.csv")
     assert [c.name for c in cs] == ["Tom Hanks", "Claude Monet", "a red car"]
     txt = concept_list("", "celebrity", "", "\n\nTom Hanks\n  \nClaude Monet | style\n", "list.txt")
-    assert [(c.name, c.family) for c in txt] == [("Tom Hanks", "celebrity"), ("Claude Monet", "style")]
+    assert [(c.name, c.concept_type) for c in txt] == [("Tom Hanks", "celebrity"), ("Claude Monet", "style")]
 
 
 @pytest.mark.parametrize("text,name,fragment", [
@@ -135,7 +135,7 @@ def test_files_in_the_input_folder(tmp_path):
     (tmp_path / "sub" / "more.txt").write_text("a red car | object\n")
     cs = load_concepts("Ann Lee", "celebrity", "", str(tmp_path), "celebs.csv")
     assert [c.name for c in cs] == ["Ann Lee", "Tom Hanks", "Claude Monet"]
-    assert load_concepts("", "celebrity", "", str(tmp_path), " sub/more.txt ")[0].family == "object"
+    assert load_concepts("", "celebrity", "", str(tmp_path), " sub/more.txt ")[0].concept_type == "object"
     assert load_concepts("Ann Lee", "celebrity", "", str(tmp_path), "") == [Concept("Ann Lee", "a person", "celebrity")]
     for bad, fragment in [("../x.csv", "outside"), ("/etc/passwd", "outside"),
                           ("missing.csv", "Files there: celebs.csv"), ("celebs.json", "not a .txt, .csv or .tsv")]:
@@ -154,5 +154,5 @@ def test_files_in_the_input_folder(tmp_path):
 def test_thousand_rows_parse_quickly():
     rows = "\n".join(f"person {i},,{['celebrity', 'style', 'object', 'explicit'][i % 4]}" for i in range(1000))
     cs = table_entries("concept,anchor,type\n" + rows, "big.csv", "celebrity")
-    assert len(cs) == 1000 and {c.family for c, _ in cs} == {"celebrity", "style", "object", "explicit"}
+    assert len(cs) == 1000 and {c.concept_type for c, _ in cs} == {"celebrity", "style", "object", "explicit"}
     assert cs[2][0].anchor == DEFAULT_ANCHORS["object"] and cs[999][1] == "'big.csv' line 1001"

@@ -1,7 +1,7 @@
 import pytest
 
 from mace_core.align import align_pairs, concept_positions
-from mace_core.concepts import DEFAULT_ANCHORS, TEMPLATES, Kept, parse_concepts, parse_kept
+from mace_core.concepts import DEFAULT_ANCHORS, TEMPLATES, Preserved, parse_concepts, parse_preserve
 from mace_core.errors import MaceInputError
 
 END = 99
@@ -31,16 +31,16 @@ def test_bad_concepts_name_the_input(text, fragment):
     assert "'concepts'" in str(e.value)
 
 
-def test_unknown_family_and_preserve_syntax():
+def test_unknown_concept_type_and_preserve_syntax():
     with pytest.raises(MaceInputError, match="concept_type"):
         parse_concepts("Tom", "animal")
     with pytest.raises(MaceInputError, match="'preserve'"):
-        parse_kept("Ann\n(Bob)")
-    assert parse_kept("Ann\n\n Bob  Lee ") == [Kept("Ann"), Kept("Bob Lee")]
-    assert parse_kept("Claude Monet | Style\nAnn") == [Kept("Claude Monet", "style"), Kept("Ann", None)]
+        parse_preserve("Ann\n(Bob)")
+    assert parse_preserve("Ann\n\n Bob  Lee ") == [Preserved("Ann"), Preserved("Bob Lee")]
+    assert parse_preserve("Claude Monet | Style\nAnn") == [Preserved("Claude Monet", "style"), Preserved("Ann", None)]
     for bad in ("Ann | painter", " | style"):
         with pytest.raises(MaceInputError) as e:
-            parse_kept(bad)
+            parse_preserve(bad)
         assert e.value.input_name == "preserve"
 
 
@@ -69,7 +69,7 @@ def test_split_line_is_the_one_reading_of_the_syntax():
             split_line(bad, "line 1")
 
 
-def test_kept_concepts_refuse_an_anchor():
+def test_preserved_concepts_refuse_an_anchor():
     with pytest.raises(MaceInputError, match="has no anchor") as e:
-        parse_kept("Ann => a person")
+        parse_preserve("Ann => a person")
     assert e.value.input_name == "preserve"

@@ -33,13 +33,13 @@ class HashEncoder:
         return [[1] * self.context_length for _ in prompts], torch.stack(feats)
 
 
-def make_loras(keys_shapes, names, rank=1, seed=0, family="celebrity"):
+def make_loras(keys_shapes, names, rank=1, seed=0, concept_type="celebrity"):
     g = torch.Generator().manual_seed(seed)
     out = []
     for i, n in enumerate(names):
         up = {k: torch.randn(o, rank, generator=g) * 0.3 for k, (o, d) in keys_shapes.items()}
         down = {k: torch.randn(rank, d, generator=g) / d**0.5 for k, (o, d) in keys_shapes.items()}
-        out.append(ConceptLoRA(n, "a person", family, rank, 10, up, down, alpha=0.5 * rank if i % 2 else None))
+        out.append(ConceptLoRA(n, "a person", concept_type, rank, 10, up, down, alpha=0.5 * rank if i % 2 else None))
     return out
 
 
@@ -52,10 +52,11 @@ def setup(dim=16, seed=0):
     return shapes, w0, wp
 
 
-def stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, prior_weight, keep_weight, lam, keep_to=None):
-    """The objective written out row by row and solved per matrix by least squares (float64); prior and kept
-    concepts are held to keep_to (default W0)."""
-    keep_to = w0 if keep_to is None else keep_to
+def stacked_solution(loras, enc, wp, w0, prior_rows, preserve_rows, prior_weight, preserve_weight, lam,
+                     preserve_to=None):
+    """The objective written out row by row and solved per matrix by least squares (float64); prior and preserved
+    concepts are held to preserve_to (default W0)."""
+    preserve_to = w0 if preserve_to is None else preserve_to
     xs = [features(enc, lora).double() for lora in loras]
     n = sum(x.shape[0] for x in xs)
     gram = sum(x.T @ x for x in xs)
@@ -67,11 +68,11 @@ def stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, prior_weight, ke
             w_i = wp[k].double() + (lora.delta(k, torch.float64) if k in lora.up else 0)
             rows.append(x)
             targets.append(x @ w_i.T)
-        for p, wt in ((prior_rows, prior_weight), (keep_rows, keep_weight)):
+        for p, wt in ((prior_rows, prior_weight), (preserve_rows, preserve_weight)):
             if p is not None and wt > 0:
                 c = (wt * n / p.shape[0]) ** 0.5
                 rows.append(c * p)
-                targets.append(c * p @ keep_to[k].double().T)
+                targets.append(c * p @ preserve_to[k].double().T)
         rows.append(r * torch.eye(enc.dim, dtype=torch.float64))
         targets.append(r * wp[k].double().T)
         sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(targets), driver="gelsd").solution.T
@@ -81,7 +82,7 @@ def stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, prior_weight, ke
 
 def features(enc, lora):
     """Every token of the concept's templated prompts, as the fusion sees them."""
-    return enc.encode([t.format(lora.concept) for t in TEMPLATES[lora.family]])[1].reshape(-1, enc.dim)
+    return enc.encode([t.format(lora.concept) for t in TEMPLATES[lora.concept_type]])[1].reshape(-1, enc.dim)
 
 
 def rel(a, b):
@@ -90,27 +91,27 @@ def rel(a, b):
 
 # Total ranks 3 and 6 stay below every matrix's out (8, 24, 16): the LoRA term is kept as factors. Rank 4 gives 12
 # (8 on b0.to_k): b0's matrices take the (out, d) accumulator, the others the factors, in one run.
-@pytest.mark.parametrize("rank,keep_target", [(1, "original"), (2, "original"), (1, "input"), (4, "original"),
+@pytest.mark.parametrize("rank,preservation_target", [(1, "original"), (2, "original"), (1, "input"), (4, "original"),
                                               (4, "input")])
-def test_fusion_equals_stacked_least_squares(rank, keep_target):
+def test_fusion_equals_stacked_least_squares(rank, preservation_target):
     shapes, w0, wp = setup()
     enc = HashEncoder()
     loras = make_loras(shapes, ["Alice Smith", "Bob Jones", "Carol White"], rank=rank)
     del loras[1].up["diffusion_model.b0.attn2.to_k.weight"], loras[1].down["diffusion_model.b0.attn2.to_k.weight"]
     prior_rows = torch.randn(50, enc.dim, generator=torch.Generator().manual_seed(3)).double()
     prior = prior_rows.T @ prior_rows / prior_rows.shape[0]
-    keep = ["Dave Brown"]
-    keep_rows = enc.encode([t.format(keep[0]) for t in TEMPLATES["celebrity"]])[1].reshape(-1, enc.dim).double()
-    deltas = fuse(loras, enc, wp, w0, prior, keep, prior_weight=0.7, preserve_weight=0.4, lam=0.02,
-                  keep_target=keep_target)
-    ref = stacked_solution(loras, enc, wp, w0, prior_rows, keep_rows, 0.7, 0.4, 0.02,
-                           keep_to=wp if keep_target == "input" else w0)
+    preserve = ["Dave Brown"]
+    preserve_rows = enc.encode([t.format(preserve[0]) for t in TEMPLATES["celebrity"]])[1].reshape(-1, enc.dim).double()
+    deltas = fuse(loras, enc, wp, w0, prior, preserve, prior_weight=0.7, preserve_weight=0.4, lam=0.02,
+                  preservation_target=preservation_target)
+    ref = stacked_solution(loras, enc, wp, w0, prior_rows, preserve_rows, 0.7, 0.4, 0.02,
+                           preserve_to=wp if preservation_target == "input" else w0)
     assert set(deltas) == set(wp)
     for k in wp:
         assert deltas[k].dtype == torch.float32
         assert rel(deltas[k], ref[k]) < 1e-5, k
-    half = fuse(loras, enc, wp, w0, prior, keep, prior_weight=0.7, preserve_weight=0.4, lam=0.02,
-                keep_target=keep_target, out_dtype=torch.float16)
+    half = fuse(loras, enc, wp, w0, prior, preserve, prior_weight=0.7, preserve_weight=0.4, lam=0.02,
+                preservation_target=preservation_target, out_dtype=torch.float16)
     assert all(half[k].dtype == torch.float16 and torch.allclose(half[k].float(), deltas[k], rtol=1e-3, atol=1e-6)
                for k in wp)
 
@@ -141,22 +142,23 @@ def test_unchanged_weights_without_loras_on_a_key_are_left_out():
     assert set(deltas) == {k for k in shapes if "b1" in k}
 
 
-def test_keeping_the_input_leaves_what_refinement_did_elsewhere():
-    """keep_target="input": with LoRAs that change nothing, fusion changes nothing (the paper's W0 target would pull
-    every generic direction back toward the original, undoing refinement beyond the fused concepts' prompts)."""
+def test_preserving_to_the_input_leaves_what_refinement_did_elsewhere():
+    """preservation_target="input": with LoRAs that change nothing, fusion changes nothing (the paper's W0 target
+    would pull every generic direction back toward the original, undoing refinement beyond the fused concepts'
+    prompts)."""
     shapes, w0, wp = setup(seed=3)
     enc = HashEncoder()
     loras = make_loras(shapes, ["Alice Smith", "Bob Jones"], seed=4)
     for lora in loras:
         lora.up = {k: torch.zeros_like(v) for k, v in lora.up.items()}
     prior = torch.eye(enc.dim, dtype=torch.float64)
-    kept = fuse(loras, enc, wp, w0, prior, (), keep_target="input")
-    assert all(float(v.abs().max()) < 1e-6 for v in kept.values())
-    back = fuse(loras, enc, wp, w0, prior, (), keep_target="original")
+    held = fuse(loras, enc, wp, w0, prior, (), preservation_target="input")
+    assert all(float(v.abs().max()) < 1e-6 for v in held.values())
+    back = fuse(loras, enc, wp, w0, prior, (), preservation_target="original")
     assert all(rel(back[k], w0[k] - wp[k]) < 0.9 for k in wp)  # pulled toward W0
     with pytest.raises(MaceInputError) as e:
-        fuse(loras, enc, wp, w0, prior, (), keep_target="W0")
-    assert e.value.input_name == "keep_target"
+        fuse(loras, enc, wp, w0, prior, (), preservation_target="W0")
+    assert e.value.input_name == "preservation_target"
 
 
 def test_bad_bundles_are_refused():
@@ -172,15 +174,15 @@ def test_bad_bundles_are_refused():
         fuse(alien, enc, wp, w0)
 
 
-def test_kept_names_are_protected_in_every_erased_type_and_their_own():
-    from mace_core.concepts import Kept
-    from mace_core.refine import keep_moment
+def test_preserved_names_are_protected_in_every_erased_type_and_their_own():
+    from mace_core.concepts import Preserved
+    from mace_core.refine import preserve_moment
 
     enc = HashEncoder()
-    both = keep_moment(["Ann Lee"], ["celebrity", "style", "celebrity"], enc)
-    assert torch.allclose(both, keep_moment([Kept("Ann Lee", "style")], ["celebrity", "style"], enc))
-    assert not torch.allclose(both, keep_moment(["Ann Lee"], ["celebrity"], enc))
-    assert torch.allclose(keep_moment([Kept("Ann Lee", "style")], ["celebrity"], enc), both)
+    both = preserve_moment(["Ann Lee"], ["celebrity", "style", "celebrity"], enc)
+    assert torch.allclose(both, preserve_moment([Preserved("Ann Lee", "style")], ["celebrity", "style"], enc))
+    assert not torch.allclose(both, preserve_moment(["Ann Lee"], ["celebrity"], enc))
+    assert torch.allclose(preserve_moment([Preserved("Ann Lee", "style")], ["celebrity"], enc), both)
 
 
 def test_fusion_for_a_device_without_float64_solves_on_the_cpu(monkeypatch):
@@ -194,7 +196,7 @@ def test_fusion_for_a_device_without_float64_solves_on_the_cpu(monkeypatch):
     enc = HashEncoder()
     loras = make_loras(shapes, ["Alice Smith", "Bob Jones"], rank=4)
     prior = torch.eye(enc.dim, dtype=torch.float64)
-    expected = fuse(loras, enc, wp, w0, prior, (), lam=0.02, keep_target="original")
+    expected = fuse(loras, enc, wp, w0, prior, (), lam=0.02, preservation_target="original")
     monkeypatch.setattr(cf, "NO_FLOAT64", {"mps", "meta"})
     assert cf.acc_device("meta") == torch.device("cpu") and cf.Moments(4, device="meta").gram.device.type == "cpu"
     places = set()
@@ -207,7 +209,41 @@ def test_fusion_for_a_device_without_float64_solves_on_the_cpu(monkeypatch):
             return out
 
     with Float64Places():
-        got = fuse(loras, enc, wp, w0, prior, (), lam=0.02, keep_target="original", device="meta")
+        got = fuse(loras, enc, wp, w0, prior, (), lam=0.02, preservation_target="original", device="meta")
     assert places == {"cpu"}
     assert all(got[k].device.type == "meta" and got[k].dtype == torch.float32 for k in got)
     assert got.keys() == expected.keys()
+
+
+def test_refine_and_fuse_return_the_same_kind_of_result():
+    """Both stages hand back WeightDeltas: {weight key: delta} in the dtype asked for, one matrix per key; refine's
+    delta is W' (T - I) with the transform solved once for every matrix."""
+    from mace_core.closed_form import WeightDeltas, apply_transform
+    from mace_core.concepts import Concept
+    from mace_core.refine import refine, refinement_transform
+
+    shapes, w0, wp = setup(seed=5)
+    enc = HashEncoder()
+    concepts = [Concept("Alice Smith", "a person", "celebrity")]
+    prior = torch.eye(enc.dim, dtype=torch.float64)
+    refined = refine(concepts, enc, wp, prior, ["Bob Jones"], out_dtype=torch.float16)
+    fused = fuse(make_loras(shapes, ["Alice Smith"], seed=6), enc, wp, w0, prior, ["Bob Jones"],
+                 out_dtype=torch.float16)
+    for deltas in (refined, fused):
+        assert isinstance(deltas, WeightDeltas) and set(deltas) == set(wp)
+        assert all(d.dtype == torch.float16 and d.shape == wp[k].shape for k, d in deltas.items())
+    t = refinement_transform(concepts, enc, prior, ["Bob Jones"])
+    for k, w in wp.items():
+        assert torch.equal(refined[k], apply_transform(w, t).to(torch.float16))
+
+
+def test_weight_deltas_join_only_where_they_touch_different_weights():
+    from mace_core.closed_form import WeightDeltas
+
+    a, b = WeightDeltas({"x": torch.ones(2)}), WeightDeltas({"y": torch.zeros(2)})
+    both = a | b
+    assert set(both) == {"x", "y"} and both["x"] is a["x"] and set(a) == {"x"}  # the tensors themselves, not copies
+    with pytest.raises(ValueError, match="same weight"):
+        both | {"x": torch.ones(2)}
+    with pytest.raises(TypeError):
+        a["z"] = torch.ones(2)  # read-only: these tensors become the model's patches

@@ -28,7 +28,7 @@ def test_round_trip_is_identical(tmp_path, alpha):
     lf.save_lora(path, a, base="abc123")
     b, base = lf.load_lora(path, SHAPES)
     assert base == "abc123"
-    for f in ("concept", "anchor", "family", "rank", "steps", "alpha", "meta"):
+    for f in ("concept", "anchor", "concept_type", "rank", "steps", "alpha", "meta"):
         assert getattr(a, f) == getattr(b, f), f
     for k in SHAPES:
         assert torch.equal(a.up[k], b.up[k]) and torch.equal(a.down[k], b.down[k])
@@ -52,7 +52,7 @@ def test_foreign_namings_map_onto_model_keys(tmp_path):
     kohya["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.zeros(4, 2)  # ignored
     save_file(kohya, str(tmp_path / "kohya.safetensors"))
     b, base = lf.load_lora(str(tmp_path / "kohya.safetensors"), SHAPES, concept="Claude Monet", anchor="art",
-                           family="style")
+                           concept_type="style")
     assert base == "" and b.alpha is None
     assert torch.allclose(b.delta(K), a.up[K] @ a.down[K] * 0.5)
     assert torch.allclose(b.delta(V), a.up[V] @ a.down[V] * 2.0)

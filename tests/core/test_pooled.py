@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mace_core.concepts import Concept
-from mace_core.pooled import kept_prompts, pooled_delta, pooled_transform
+from mace_core.pooled import pooled_delta, pooled_transform, preserved_prompts
 
 D = 64
 
@@ -58,13 +58,13 @@ def test_only_the_pooled_columns_change():
         pooled_delta(torch.zeros(8, D - 1), torch.eye(D, dtype=torch.float64))
 
 
-def test_kept_concepts_are_held_too():
+def test_preserved_concepts_are_held_too():
     enc = _encoder()
     w = torch.randn(8, D, generator=torch.Generator().manual_seed(3))
-    keep = ["Brad Pitt"]
-    kept = enc(kept_prompts(keep, ["celebrity"]))
+    preserve = ["Brad Pitt"]
+    preserved_feats = enc(preserved_prompts(preserve, ["celebrity"]))
     loose = pooled_delta(w, pooled_transform([CONCEPT], enc, [], prior_weight=0.0, lam=1e-3))
-    held = pooled_delta(w, pooled_transform([CONCEPT], enc, [], keep, prior_weight=0.0, preserve_weight=1.0,
+    held = pooled_delta(w, pooled_transform([CONCEPT], enc, [], preserve, prior_weight=0.0, preserve_weight=1.0,
                                             lam=1e-3))
-    assert (kept @ held.T).norm() < 0.6 * (kept @ loose.T).norm()
-    assert len(kept_prompts(keep, ["celebrity"])) == len(CONCEPT.prompts())
+    assert (preserved_feats @ held.T).norm() < 0.6 * (preserved_feats @ loose.T).norm()
+    assert len(preserved_prompts(preserve, ["celebrity"])) == len(CONCEPT.prompts())

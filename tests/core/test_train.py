@@ -7,7 +7,7 @@ import torch
 
 from mace_core.attention_loss import TIMESTEP_KINDS
 from mace_core.concept_files import concept_list
-from mace_core.concepts import EXPLICIT_TERMS, FAMILIES, PRESETS, describe_presets, format_lr, parse_concepts
+from mace_core.concepts import CONCEPT_TYPES, EXPLICIT_TERMS, PRESETS, describe_presets, format_lr, parse_concepts
 from mace_core.errors import MaceInputError
 from mace_core.train import (
     CUSTOM,
@@ -121,14 +121,14 @@ PAPER = {  # the paper's configs (MACE @057e7a6 configs/): lr, steps, timesteps;
 
 
 def test_presets_are_the_papers_for_every_type():
-    assert set(PRESETS) == set(FAMILIES) == set(PAPER)
-    for family, (lr, steps, kind, mask) in PAPER.items():
-        p = PRESETS[family]
-        assert (p.learning_rate, p.steps, p.timestep_sampling, p.mask_source) == (lr, steps, kind, mask), family
+    assert set(PRESETS) == set(CONCEPT_TYPES) == set(PAPER)
+    for concept_type, (lr, steps, kind, mask) in PAPER.items():
+        p = PRESETS[concept_type]
+        assert (p.learning_rate, p.steps, p.timestep_sampling, p.mask_source) == (lr, steps, kind, mask), concept_type
         assert p.timestep_sampling in TIMESTEP_KINDS
-        s = concept_settings(family, PER_TYPE)
+        s = concept_settings(concept_type, PER_TYPE)
         assert (s.learning_rate, s.steps, s.timestep_sampling) == (lr, steps, kind)
-        assert set(s.source.values()) == {f"paper {family}"}
+        assert set(s.source.values()) == {f"paper {concept_type}"}
     text = describe_presets()
     assert "explicit: lr 1e-5, 120 steps, uniform timesteps" in text and "whole-image masks" in text
     assert (format_lr(1e-4), format_lr(1.5e-2), format_lr(0.1)) == ("1e-4", "1.5e-2", "1e-1")
@@ -163,7 +163,7 @@ def test_custom_wins_over_the_preset():
     (dict(settings="paper"), "settings"),
 ])
 def test_out_of_bounds_settings_name_the_input(kwargs, input_name):
-    args = dict(family="celebrity", settings=PER_TYPE)
+    args = dict(concept_type="celebrity", settings=PER_TYPE)
     args.update(kwargs)
     with pytest.raises(MaceInputError) as e:
         concept_settings(**args)
@@ -177,12 +177,12 @@ def test_explicit_without_names_is_the_papers_list():
     for parse in (lambda t, f, a="": parse_concepts(t, f, a), lambda t, f, a="": concept_list(t, f, a)):
         cs = parse("", "explicit")
         assert [c.name for c in cs] == list(EXPLICIT_TERMS) == ["nudity", "naked", "erotic", "sexual"]
-        assert {c.anchor for c in cs} == {"a person wearing clothes"} and {c.family for c in cs} == {"explicit"}
+        assert {c.anchor for c in cs} == {"a person wearing clothes"} and {c.concept_type for c in cs} == {"explicit"}
         assert {c.anchor for c in parse("  \n# none\n", "explicit", "a dressed person")} == {"a dressed person"}
         assert [c.name for c in parse("gore", "explicit")] == ["gore"], "names given: only those"
-        for family in ("celebrity", "style", "object"):
+        for concept_type in ("celebrity", "style", "object"):
             with pytest.raises(MaceInputError, match="no concepts"):
-                parse("", family)
+                parse("", concept_type)
 
 
 # ---------------------------------------------------------------- many concepts in one step (issue 18)

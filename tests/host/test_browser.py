@@ -201,8 +201,8 @@ def test_template_browser_lists_the_workflows_with_thumbnails(browser_server):
 
 
 def test_labels_and_seed_controls_as_the_user_sees_them(page):
-    """lambda_ is labelled 'lambda'; the Concept World seed has no randomize control; the training seed of a shipped
-    workflow stays fixed."""
+    """lambda_ is labelled 'lambda' and Fuse's keep_target 'preservation_target'; the Concept World seed has no
+    randomize control; the training seed of a shipped workflow stays fixed."""
     _reset(page)
     path = WF / "concept_world_erase.json"
     got = page.execute_async_script(LOAD_JS, path.name, path.read_text())
@@ -213,6 +213,8 @@ def test_labels_and_seed_controls_as_the_user_sees_them(page):
     for kind in ("MACERefineCrossAttention", "MACEFuseLoRAs"):
         (lam,) = [w for w in by_type[kind][0]["widgets"] if w["name"] == "lambda_"]
         assert lam["label"] == "lambda", kind
+    (target,) = [w for w in by_type["MACEFuseLoRAs"][0]["widgets"] if w["name"] == "keep_target"]
+    assert target["label"] == "preservation_target"
     world = [w["name"] for w in by_type["MACEConceptWorld"][0]["widgets"]]
     assert world == ["seed", "family"], world  # no control_after_generate widget after the seed
     for kind in ("MACETrainConceptLoRA", "KSampler"):

@@ -15,7 +15,7 @@ NODE = "MACEConceptList"
 STAGES = ["MACERefineCrossAttention", "MACETrainConceptLoRA", "MACEFuseLoRAs", "MACESaveErasure", "MACELoadLoRAs",
           "MACEErase", "MACEErasureCheck", "MACEAttentionMap"]
 CONCEPTS = "Claude Monet\nTomas Lindqvist => a man | celebrity"
-KEEP = "Rembrandt | style\nTom Hanks"
+PRESERVE = "Rembrandt | style\nTom Hanks"
 
 
 def mod(pack_module, name):
@@ -52,7 +52,7 @@ def fresh_cache(mods, tmp_path, monkeypatch):
     return calls
 
 
-def make(pack, concepts=CONCEPTS, concept_type="style", anchor="", preserve=KEEP, prompts="", concept_file="",
+def make(pack, concepts=CONCEPTS, concept_type="style", anchor="", preserve=PRESERVE, prompts="", concept_file="",
          corpus_file=""):
     return pack[NODE].execute(concepts, concept_type, anchor, preserve, prompts, concept_file, corpus_file).result[0]
 
@@ -115,13 +115,13 @@ def test_a_saved_api_graph_without_the_list_still_validates(pack):
 
 def test_the_list_refines_exactly_as_the_typed_text(pack, mods, tiny):
     model, clip = tiny
-    typed = refine(pack, model, clip, CONCEPTS, "style", "", KEEP)
+    typed = refine(pack, model, clip, CONCEPTS, "style", "", PRESERVE)
     listed = refine(pack, model, clip, concept_list=make(pack))
     assert_same_patch(mods, typed, listed)
     # the stage's own concept_type is not used when a list is connected: the list's type is
     assert_same_patch(mods, listed, refine(pack, model, clip, concept_type="object", concept_list=make(pack)))
     # and a box that says exactly what the list says is no conflict
-    assert_same_patch(mods, listed, refine(pack, model, clip, CONCEPTS + "\n", "style", "", KEEP, make(pack)))
+    assert_same_patch(mods, listed, refine(pack, model, clip, CONCEPTS + "\n", "style", "", PRESERVE, make(pack)))
 
 
 def test_the_list_trains_fuses_and_saves_as_the_typed_text(pack, mods, tiny, loras_dir):
@@ -135,13 +135,13 @@ def test_the_list_trains_fuses_and_saves_as_the_typed_text(pack, mods, tiny, lor
                               **common).result[0]
         listed = train.execute(model=model, clip=clip, concepts="", concept_type="celebrity", anchor="",
                                concept_list=cl, **common).result[0]
-    assert [(lora.concept, lora.anchor, lora.family) for lora in listed.loras] == \
+    assert [(lora.concept, lora.anchor, lora.concept_type) for lora in listed.loras] == \
         [("Claude Monet", "art", "style"), ("Tomas Lindqvist", "a man", "celebrity")]
     for a, b in zip(typed.loras, listed.loras):
         for k in a.up:
             assert torch.equal(a.up[k], b.up[k]) and torch.equal(a.down[k], b.down[k]), (a.concept, k)
     fuse = pack["MACEFuseLoRAs"]
-    by_text = fuse.execute(model, clip, typed, KEEP, 1.0, 0.01, "input model").result[0]
+    by_text = fuse.execute(model, clip, typed, PRESERVE, 1.0, 0.01, "input model").result[0]
     by_list = fuse.execute(model, clip, listed, "", 1.0, 0.01, "input model", cl).result[0]
     assert_same_patch(mods, by_text, by_list)
     pack["MACESaveErasure"].execute(by_list, "listed", "full", 64, None, "", cl)
@@ -290,10 +290,10 @@ def test_own_prompts_and_nicknames_reach_training_and_fusion(pack, mods, tiny, m
 def test_erasure_check_rows_come_from_the_list_with_nickname_rows(pack, mods, pack_module):
     check = mod(pack_module, "nodes.check")
     cl = make(pack, "Claude Monet", preserve="Rembrandt | style", prompts="Claude Monet: Oscar Giverny")
-    rows = check.check_rows(list(cl.concepts), "", list(cl.keep), cl.family)
+    rows = check.check_rows(list(cl.concepts), "", list(cl.preserve), cl.concept_type)
     assert [(r.kind, r.prompt) for r in rows] == [
         ("erased", "a painting in the style of Claude Monet"), ("other", "a painting in the style of Oscar Giverny"),
-        ("kept", "a painting in the style of Rembrandt")]
+        ("preserved", "a painting in the style of Rembrandt")]
 
 
 # ---------------------------------------------------------------- the caption corpus
@@ -317,7 +317,7 @@ def test_corpus_is_read_cached_and_invalidated_when_the_file_changes(pack, mods,
     refine(pack, model, clip, concept_list=cl)
     bundle = random_bundle(pack_module, model, ["Claude Monet"])
     for lora in bundle.loras:
-        lora.anchor, lora.family = "art", "style"
+        lora.anchor, lora.concept_type = "art", "style"
     mods.fuse.fuse_model(model, clip, bundle, concept_list=cl)
     assert len(fresh_cache) == 2
     # on disk too: a new process (an empty memo) reads the file instead of computing
@@ -373,9 +373,9 @@ def test_load_loras_takes_type_and_anchor_from_the_list_for_a_foreign_file(pack,
     cl = make(pack, "Claude Monet | style\nTom Hanks", "celebrity", "", "")
     load = pack["MACELoadLoRAs"]
     (lora,) = load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "", True, cl).result[0].loras
-    assert (lora.concept, lora.anchor, lora.family) == ("Claude Monet", "art", "style")
+    assert (lora.concept, lora.anchor, lora.concept_type) == ("Claude Monet", "art", "style")
     (plain,) = load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "", True).result[0].loras
-    assert (plain.anchor, plain.family) == ("a person", "celebrity"), "without the list: the node's own type"
+    assert (plain.anchor, plain.concept_type) == ("a person", "celebrity"), "without the list: the node's own type"
     with pytest.raises(mods.errors.MaceInputError) as e:
         load.execute(model, "foreign.safetensors => Claude Monet", "celebrity", "a painter", True, cl)
     assert e.value.input_name == "anchor"
@@ -387,7 +387,7 @@ def test_the_log_says_the_list_was_used(pack, tiny, caplog):
     model, clip = tiny
     with caplog.at_level(logging.INFO, logger="MACE"):
         refine(pack, model, clip, concept_type="object", concept_list=make(pack))
-    assert "MACE Refine: 2 concepts and 2 to keep from the connected concept_list (type style)" in caplog.text
+    assert "MACE Refine: 2 concepts and 2 to preserve from the connected concept_list (type style)" in caplog.text
 
 
 def test_thousands_of_captions_are_read_and_an_oversized_file_is_refused(pack, mods, pack_module, input_dir):

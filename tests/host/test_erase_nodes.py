@@ -174,7 +174,7 @@ def test_check_grid_same_seeds_on_both_models(pack, m, small):
         # the erased concept came from the erased model's record: the box was blank
         assert [row.label for row in r.rows] == [
             "erased: a painting in the style of Claude Monet", "other: a painting by Monet",
-            "kept: a painting in the style of Rembrandt", "kept: a photo of Pablo Picasso"]
+            "preserved: a painting in the style of Rembrandt", "preserved: a photo of Pablo Picasso"]
         assert r.seeds == [5, 6, 7]
         assert r.col_labels == [f"{w}, seed {s}" for w in ("before", "after") for s in (5, 6, 7)]
         assert r.cells.shape == (4, 6, 64, 64, 3)

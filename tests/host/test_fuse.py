@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 FUSE, ERASURE, REFINE = "MACEFuseLoRAs", "MACESaveErasure", "MACERefineCrossAttention"
 NAMES = ["Tom Cruise", "Emma Watson", "Brad Pitt", "Angelina Jolie"]
-KEEP = ["Tom Hanks", "Meryl Streep"]
+PRESERVE = ["Tom Hanks", "Meryl Streep"]
 WIDE = 256
 
 
@@ -21,8 +21,8 @@ def mod(pack_module, name):
     return sys.modules[f"{pack_module.__name__}.{name}"]
 
 
-def features(host, clip, name, family="celebrity", pack_module=None):
-    templates = mod(pack_module, "mace_core.concepts").TEMPLATES[family]
+def features(host, clip, name, concept_type="celebrity", pack_module=None):
+    templates = mod(pack_module, "mace_core.concepts").TEMPLATES[concept_type]
     _, e = host.clip_encoder(clip).encode([t.format(name) for t in templates])
     return e.reshape(-1, e.shape[-1]).double().cpu()  # CLIP may run on a GPU (MACE_TEST_GPU=1)
 
@@ -46,8 +46,8 @@ def snapshot(patcher):
     return {k: v.detach().clone() for k, v in patcher.model_state_dict().items()}
 
 
-def fuse(pack, model, clip, bundle, preserve="", strength=1.0, lam=0.01, keep_target="input model"):
-    return pack[FUSE].execute(model, clip, bundle, preserve, strength, lam, keep_target).result[0]
+def fuse(pack, model, clip, bundle, preserve="", strength=1.0, lam=0.01, preservation_target="input model"):
+    return pack[FUSE].execute(model, clip, bundle, preserve, strength, lam, preservation_target).result[0]
 
 
 # ---------------------------------------------------------------- schema
@@ -77,7 +77,7 @@ def wide(pack, pack_module):
         model, clip = comfy_host.tiny_model(context_dim=WIDE), comfy_host.tiny_clip(width=WIDE)
     keys = host.cross_attention_keys(model)
     w0 = host.original_weights(model, keys)
-    e = {n: features(host, clip, n, pack_module=pack_module) for n in NAMES + KEEP}
+    e = {n: features(host, clip, n, pack_module=pack_module) for n in NAMES + PRESERVE}
     grams = {n: e[n].T @ e[n] for n in NAMES}
     g = torch.Generator().manual_seed(1)
     loras = []
@@ -111,7 +111,7 @@ def test_fusion_reproduces_each_lora_and_beats_naive_sum(pack, pack_module, wide
     model, clip, refined, bundle, e = wide
     host = mod(pack_module, "nodes.host")
     before = snapshot(refined)
-    fused = fuse(pack, refined, clip, bundle, "\n".join(KEEP))
+    fused = fuse(pack, refined, clip, bundle, "\n".join(PRESERVE))
     keys = host.cross_attention_keys(model)
     w0, wp, wf = (host.current_weights(m, keys, "cpu") for m in (model, refined, fused))
     summed = {k: sum(lora.delta(k) for lora in bundle.loras) for k in keys}
@@ -123,26 +123,26 @@ def test_fusion_reproduces_each_lora_and_beats_naive_sum(pack, pack_module, wide
         print(f"{lora.concept}: fused {err_fused:.3f}, naive sum {err_naive:.3f} (relative error of the LoRA's effect)")
         assert err_fused < 0.45, (lora.concept, err_fused)
         assert err_fused < 0.6 * err_naive, (lora.concept, err_fused, err_naive)
-    for name in KEEP:
+    for name in PRESERVE:
         x = e[name]
         ch_fused = _rel(x, lambda k: (wf[k] - w0[k]).double(), lambda k: w0[k].double(), keys)
         ch_naive = _rel(x, lambda k: (wp[k] + summed[k] - w0[k]).double(), lambda k: w0[k].double(), keys)
         ch_refined = _rel(x, lambda k: (wp[k] - w0[k]).double(), lambda k: w0[k].double(), keys)
-        print(f"{name} (kept): change vs original: fused {ch_fused:.3f}, naive {ch_naive:.3f}, refine alone "
+        print(f"{name} (preserved): change vs original: fused {ch_fused:.3f}, naive {ch_naive:.3f}, refine alone "
               f"{ch_refined:.3f}")
         assert ch_fused < 0.3 and ch_fused < 0.5 * ch_naive, (name, ch_fused, ch_naive)
     after = snapshot(refined)
     assert all(torch.equal(before[k], after[k]) for k in before), "input model unchanged"
 
 
-def test_keep_target_chooses_what_generic_prompts_are_held_to(pack, pack_module, wide):
+def test_preservation_target_chooses_what_generic_prompts_are_held_to(pack, pack_module, wide):
     model, clip, refined, bundle, _ = wide
     host = mod(pack_module, "nodes.host")
     keys = host.cross_attention_keys(model)
     _, x = host.clip_encoder(clip).encode(["a dog in the park", "a bowl of soup", "a red car on a road"])
     x = x.reshape(-1, WIDE).double()
     w0, wp = (host.current_weights(m, keys, "cpu") for m in (model, refined))
-    wi, wo = (host.current_weights(fuse(pack, refined, clip, bundle, keep_target=t), keys, "cpu")
+    wi, wo = (host.current_weights(fuse(pack, refined, clip, bundle, preservation_target=t), keys, "cpu")
               for t in ("input model", "original model"))
     off_input = {t: _rel(x, lambda k: (w[k] - wp[k]).double(), lambda k: wp[k].double(), keys)
                  for t, w in (("input", wi), ("original", wo))}
@@ -180,7 +180,7 @@ def test_fused_weights_are_the_least_squares_optimum(pack, pack_module, tiny, ed
     for k in keys:
         rows = torch.cat(xs + [prior_rows, ridge])
         targets = torch.cat([x @ (wp[k].double() + lora.delta(k, torch.float64)).T for x, lora in zip(xs, bundle.loras)]
-                            + [prior_rows @ wp[k].double().T, ridge @ wp[k].double().T])  # kept: the input (W')
+                            + [prior_rows @ wp[k].double().T, ridge @ wp[k].double().T])  # held to the input (W')
         direct = torch.linalg.lstsq(rows, targets).solution.T
         worst = max(worst, float((wf[k].double() - direct).norm() / (direct - wp[k].double()).norm()))
     print(f"fused vs stacked least squares: worst relative error of the update {worst:.2e}")

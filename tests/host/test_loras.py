@@ -44,7 +44,7 @@ def test_saved_loras_load_back_identical(pack, pack_module, tiny, loras_dir):
     by_name = {lora.concept: lora for lora in back.loras}
     for a in bundle.loras:
         b = by_name[a.concept]
-        for f in ("anchor", "family", "rank", "steps", "alpha", "meta"):
+        for f in ("anchor", "concept_type", "rank", "steps", "alpha", "meta"):
             assert getattr(a, f) == getattr(b, f), (a.concept, f)
         for k in a.up:
             assert torch.equal(a.up[k], b.up[k]) and torch.equal(a.down[k], b.down[k])
@@ -89,7 +89,7 @@ def test_foreign_kohya_lora_with_concept_line(pack, pack_module, tiny, loras_dir
     save_file(sd, str(loras_dir / "monroe.safetensors"))
     bundle = load(pack, model, "monroe.safetensors => Marilyn Monroe", "celebrity")
     (lora,) = bundle.loras
-    assert (lora.concept, lora.anchor, lora.family) == ("Marilyn Monroe", "a person", "celebrity")
+    assert (lora.concept, lora.anchor, lora.concept_type) == ("Marilyn Monroe", "a person", "celebrity")
     assert bundle.base == ""  # a foreign file does not say which base it was trained on
     for k in keys:
         assert torch.allclose(lora.delta(k), want[k], atol=1e-4)

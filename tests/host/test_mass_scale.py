@@ -20,7 +20,7 @@ import pytest
 import torch
 
 REFINE, TRAIN, FUSE = "MACERefineCrossAttention", "MACETrainConceptLoRA", "MACEFuseLoRAs"
-FAMILIES = ("celebrity", "style", "object", "explicit")
+CONCEPT_TYPES = ("celebrity", "style", "object", "explicit")
 log = logging.getLogger("MACE.test")
 
 RSS_BOUND = 96 * 2**20  # growth allowed over the run; holding per-concept features would take ~600 MB
@@ -66,7 +66,7 @@ def anchors() -> list[str]:
 
 def big_csv(n: int = 1000) -> str:
     an = anchors()
-    rows = [f"{name},{an[i % len(an)]},{FAMILIES[i % 4]}" for i, name in enumerate(names(n))]
+    rows = [f"{name},{an[i % len(an)]},{CONCEPT_TYPES[i % 4]}" for i, name in enumerate(names(n))]
     return "concept,anchor,type\n" + "\n".join(rows) + "\n"
 
 
@@ -166,7 +166,7 @@ def test_thousand_lora_fusion_streams(pack, mods, tiny, monkeypatch):
     for i, name in enumerate(names()):
         up = {k: torch.randn(w.shape[0], 1, generator=g) * 0.05 for k, w in w0.items()}
         down = {k: torch.randn(1, w.shape[1], generator=g) / w.shape[1] ** 0.5 for k, w in w0.items()}
-        loras.append(lb.ConceptLoRA(name, an[i % len(an)], FAMILIES[i % 4], 1, 50, up, down))
+        loras.append(lb.ConceptLoRA(name, an[i % len(an)], CONCEPT_TYPES[i % 4], 1, 50, up, down))
     bundle = lb.LoRABundle(loras, "")
     with torch.inference_mode():
         pack[FUSE].execute(model, clip, lb.LoRABundle(loras[:1], ""), "", 1.0, 0.01)  # prior cached
@@ -205,17 +205,17 @@ def test_mixed_list_gives_each_concept_its_own_templates_and_anchor(pack, mods, 
     monkeypatch.setattr(enc, "encode", lambda prompts: (encoded.extend(prompts), real(prompts))[1])
     with torch.inference_mode():
         pack[REFINE].execute(model, clip, box, "celebrity", "a man", "", 0.0, 0.01, concept_file="mixed.csv")
-    for name, (anchor, family) in expected.items():
+    for name, (anchor, concept_type) in expected.items():
         own = {p for p in encoded if name in p}
-        assert own == {t.format(name) for t in T[family]}, f"{name} uses the {family} templates only"
-        assert {t.format(anchor) for t in T[family]} <= set(encoded), f"{name} maps onto '{anchor}'"
+        assert own == {t.format(name) for t in T[concept_type]}, f"{name} uses the {concept_type} templates only"
+        assert {t.format(anchor) for t in T[concept_type]} <= set(encoded), f"{name} maps onto '{anchor}'"
 
     # training: each concept's prompts from its own templates; the bundle records type and anchor
     seen = {}
     real_prompts = mods.att.concept_prompts
 
     def spy(clip_, concept, templates, end_id, with_end=True):
-        seen[concept.name] = (concept.anchor, concept.family, list(templates))
+        seen[concept.name] = (concept.anchor, concept.concept_type, list(templates))
         return real_prompts(clip_, concept, templates, end_id, with_end)
 
     monkeypatch.setattr(mods.att, "concept_prompts", spy)
@@ -225,16 +225,16 @@ def test_mixed_list_gives_each_concept_its_own_templates_and_anchor(pack, mods, 
                                      "whole image", latents=lat, concept_file="mixed.csv").result[0]
     assert bundle.concepts == ["Van Gogh", "Tom Hanks", "Claude Monet", "Mickey Mouse", "nudity"]
     for lora in bundle.loras:
-        anchor, family = expected[lora.concept]
-        assert (lora.anchor, lora.family) == (anchor, family)
-        assert seen[lora.concept] == (anchor, family, T[family])
+        anchor, concept_type = expected[lora.concept]
+        assert (lora.anchor, lora.concept_type) == (anchor, concept_type)
+        assert seen[lora.concept] == (anchor, concept_type, T[concept_type])
 
     # fusion encodes each LoRA's prompts with its own templates
     encoded.clear()
     with torch.inference_mode():
         pack[FUSE].execute(model, clip, bundle, "", 0.0, 0.01)
-    for name, (_, family) in expected.items():
-        assert {p for p in encoded if name in p} == {t.format(name) for t in T[family]}
+    for name, (_, concept_type) in expected.items():
+        assert {p for p in encoded if name in p} == {t.format(name) for t in T[concept_type]}
 
 
 def test_concept_file_errors_and_cache_fingerprint(pack, tiny, input_dir):
@@ -289,8 +289,8 @@ def exact_device() -> bool:
 def _same(a, b):
     assert a.concepts == b.concepts
     for x, y in zip(a.loras, b.loras):
-        assert (x.concept, x.anchor, x.family, x.rank, x.steps, x.scale) == (y.concept, y.anchor, y.family, y.rank,
-                                                                            y.steps, y.scale)
+        fields = ("concept", "anchor", "concept_type", "rank", "steps", "scale")
+        assert [getattr(x, f) for f in fields] == [getattr(y, f) for f in fields]
         assert x.keys == y.keys
         for k in x.keys:
             assert torch.equal(x.up[k], y.up[k]) and torch.equal(x.down[k], y.down[k]), (x.concept, k)

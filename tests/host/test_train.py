@@ -116,7 +116,7 @@ def test_training_halves_concept_attention_inside_the_mask(mods, tiny):
     keys = mods.host.cross_attention_keys(model)
     assert len(keys) == 14 and sorted(out.patches) == keys
     lora = bundle.loras[0]
-    assert (lora.concept, lora.anchor, lora.family, lora.rank, lora.steps) == \
+    assert (lora.concept, lora.anchor, lora.concept_type, lora.rank, lora.steps) == \
         ("Claude Monet", "a person", "celebrity", 1, 60)
     assert lora.keys == keys and lora.meta["mask_source"] == "given"
     assert bundle.base == mods.host.model_fingerprint(model)
@@ -317,7 +317,7 @@ def test_mixed_list_trains_each_concept_with_its_types_preset(mods, tiny, caplog
     with torch.inference_mode(), caplog.at_level(logging.INFO, logger="MACE"):
         bundle, _, curves = mods.train.train_concept_loras(model, clip, MIXED, "celebrity", latents=_lat(3),
                                                            mask_source="whole image")
-    got = {lora.concept: (lora.meta["learning_rate"], lora.steps, lora.meta["timestep_sampling"], lora.family)
+    got = {lora.concept: (lora.meta["learning_rate"], lora.steps, lora.meta["timestep_sampling"], lora.concept_type)
            for lora in bundle.loras}
     assert got == {"Claude Monet": (1e-4, 50, "importance", "style"),
                    "a red car": (1e-5, 50, "importance", "object"),
@@ -406,6 +406,6 @@ def test_saved_workflows_keep_loading_and_keep_their_values(pack, mods, tiny):
         with torch.inference_mode():
             bundle = pack[NODE].execute(model=model, clip=clip, **{**args, "mask_source": "whole image"}).result[0]
         lora = bundle.loras[0]
-        assert (lora.concept, lora.family, lora.meta["learning_rate"], lora.steps) == \
+        assert (lora.concept, lora.concept_type, lora.meta["learning_rate"], lora.steps) == \
             ("Claude Monet", "style", lr, 50), "a saved workflow trains as it says; a typed value stays"
         assert lora.meta["settings"] == "per type (paper)"

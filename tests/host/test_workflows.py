@@ -83,6 +83,15 @@ def test_lambda_is_labelled_lambda_in_the_frontend(object_info):
         assert labels[node]["inputs"]["lambda_"]["name"] == "lambda", node
 
 
+def test_keep_target_is_labelled_preservation_target(object_info):
+    """Fuse's input id stays keep_target (saved workflows and API graphs use it); it shows as preservation_target,
+    the word the rest of the pack uses, from the locale file and the schema's display_name alike."""
+    labels = json.loads((comfy_host.PACK / "locales" / "en" / "nodeDefs.json").read_text())
+    spec = object_info["MACEFuseLoRAs"]["input"]["optional"]["keep_target"]
+    assert spec[1].get("display_name") == "preservation_target"
+    assert labels["MACEFuseLoRAs"]["inputs"]["keep_target"]["name"] == "preservation_target"
+
+
 def test_check_ui_catches_broken_files(object_info):
     ui = to_ui(refine_graph().api(), object_info)
     ui["nodes"][1]["widgets_values"] = ui["nodes"][1]["widgets_values"][:-1]
@@ -98,8 +107,8 @@ LIST_STAGES = {"MACERefineCrossAttention", "MACETrainConceptLoRA", "MACEFuseLoRA
 
 @pytest.mark.parametrize("name", ["mace_erase", "concept_world_erase", "mace_erase_one_node"])
 def test_each_list_is_typed_once_and_every_stage_reads_it(name):
-    """Issue 16: one MACE Concept List per graph holds the concepts and the keep list; every stage is linked to it and
-    its own concept boxes are blank, so no second copy can disagree."""
+    """Issue 16: one MACE Concept List per graph holds the concepts and the concepts to preserve; every stage is linked
+    to it and its own concept boxes are blank, so no second copy can disagree."""
     api = json.loads((WF / "api" / f"{name}.json").read_text())
     lists = [nid for nid, n in api.items() if n["class_type"] == "MACEConceptList"]
     assert len(lists) == 1 and api[lists[0]]["inputs"]["concepts"].strip()

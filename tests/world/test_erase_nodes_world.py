@@ -14,7 +14,7 @@ from world_support import comfy_host, pack_import
 log = logging.getLogger("MACE.test")
 
 PERSON = "Tomas Lindqvist"
-KEPT = ["Alba Moreno", "red lantern"]
+PRESERVED = ["Alba Moreno", "red lantern"]
 CFG = 3.0  # the world's SamplerSettings
 
 
@@ -76,18 +76,18 @@ def test_check_grid_rows_columns_labels_and_cells(host, smoke_world):
         erased = m["erase"].erase_model(world.model, world.clip, PERSON, mode="quick")
     out = _run_node(m["check"].MACEErasureCheck, model=world.model, erased_model=erased, clip=world.clip,
                     vae=world.vae, concepts="", concept_type="celebrity", anchor="",
-                    other_prompts="\n".join(f"a photo of {s}" for s in synonyms), preserve="\n".join(KEPT), seed=4,
+                    other_prompts="\n".join(f"a photo of {s}" for s in synonyms), preserve="\n".join(PRESERVED), seed=4,
                     images_per_prompt=2, steps=20, cfg=CFG, sampler_name="euler", scheduler="normal", image_size=0,
                     negative="")
     with torch.inference_mode():
         r = m["check"].erasure_check(world.model, erased, world.clip, world.vae, "", "celebrity",
                                      other_prompts="\n".join(f"a photo of {s}" for s in synonyms),
-                                     preserve="\n".join(KEPT), seed=4, cfg=CFG)
+                                     preserve="\n".join(PRESERVED), seed=4, cfg=CFG)
         # the world's own sampler (its SamplerSettings: cfg 3, euler, 20 steps) draws the same pictures
         expect = world.generate([row.prompt for row in r.rows], r.seeds, model=world.model)
         expect_after = world.generate([row.prompt for row in r.rows], r.seeds, model=erased)
     assert torch.equal(out[0], r.image)
-    assert [row.kind for row in r.rows] == ["erased", "other", "other", "kept", "kept"]
+    assert [row.kind for row in r.rows] == ["erased", "other", "other", "preserved", "preserved"]
     assert r.rows[0].prompt == f"a photo of {PERSON}" and r.rows[3].prompt == "a photo of Alba Moreno"
     assert r.col_labels == ["before, seed 4", "before, seed 5", "after, seed 4", "after, seed 5"]
     assert r.cells.shape == (5, 4, 64, 64, 3), "the world's 64 px, from the model's sampling hint"
@@ -164,10 +164,10 @@ def test_one_node_at_defaults_erases_a_person(world, erased_at_defaults):
     m = _mods()
     others = "\n".join(c.name for c in world.spec.CONCEPTS if c.name != PERSON)
     with torch.inference_mode():
-        kept = m["erase"].erase_model(world.model, world.clip, PERSON, mode="quick", preserve=others)
+        preserved = m["erase"].erase_model(world.model, world.clip, PERSON, mode="quick", preserve=others)
         original = ee.scores(world, world.model, [PERSON], range(6))
         got = {mode: ee.scores(world, model, [PERSON], range(6)) for mode, model in erased_at_defaults.items()}
-        got["quick, preserve"] = ee.scores(world, kept, [PERSON], range(6))
+        got["quick, preserve"] = ee.scores(world, preserved, [PERSON], range(6))
     log.info("erase at defaults: original %s, %s", original, got)
     assert original["acc_e"] >= 0.9 and original["acc_g"] >= 0.9, original
     for mode, s in got.items():

@@ -7,15 +7,15 @@ spec = pack_import("concept_world.spec")
 render = pack_import("concept_world.render")
 
 
-def test_concepts_families_synonyms():
+def test_concepts_concept_types_synonyms():
     assert len(spec.CONCEPTS) >= 16
-    assert {c.family for c in spec.CONCEPTS} == set(spec.FAMILIES)
+    assert {c.concept_type for c in spec.CONCEPTS} == set(spec.CONCEPT_TYPES)
     names = [n.lower() for c in spec.CONCEPTS for n in c.names]
     assert len(names) == len(set(names)), "every name belongs to one concept"
     for i, c in enumerate(spec.CONCEPTS):
         assert len(c.synonyms) == 2
         assert all(spec.concept_index(n) == i for n in c.names)
-        assert len(spec.prompts_for(i, "all")) == 3 * len(spec.TEMPLATES[c.family])
+        assert len(spec.prompts_for(i, "all")) == 3 * len(spec.TEMPLATES[c.concept_type])
     assert spec.CLASS_NAMES[spec.NONE] == "none"
 
 
@@ -28,9 +28,9 @@ def test_render_is_deterministic_and_masks_mean_something():
     assert not torch.equal(a, c)
     assert a.shape == (render.N_TARGETS, 3, 64, 64) and 0 <= a.min() and a.max() <= 1
     for t in targets:
-        fam = render.family_of(t)
+        ctype = render.concept_type_of(t)
         area = ma[t].mean().item()
-        if fam in ("object", "person"):
+        if ctype in ("object", "person"):
             assert 0.02 < area < 0.5, (t, area)
         elif t < render.N:  # a style covers the whole picture
             assert area == 1.0
@@ -38,7 +38,7 @@ def test_render_is_deterministic_and_masks_mean_something():
 
 def test_foreground_mask_finds_the_object():
     segment = pack_import("concept_world.segment")
-    images, masks = render.render(spec.family_indices("object") + spec.family_indices("person"),
+    images, masks = render.render(spec.concept_type_indices("object") + spec.concept_type_indices("person"),
                                   torch.Generator().manual_seed(1))
     found = segment.foreground(images.movedim(1, -1))
     truth = masks[:, 0] > 0.5
