@@ -5,11 +5,13 @@ ComfyUI, samples every concept's prompts over several seeds with ComfyUI's sampl
 reports
     Acc_e  erased concepts still drawn (lower is better)      Acc_g  their synonyms still drawn (lower is better)
     Acc_s  kept concepts drawn correctly (higher is better)   H = 3 / (1/(1-Acc_e) + 1/Acc_s + 1/(1-Acc_g))
-for the full pipeline and its ablations: refine only; refine + LoRAs summed (no fusion); LoRAs fused without refine.
+for the full pipeline and its ablations: refine only; refine + LoRAs summed (no fusion); LoRAs fused without refine;
+and a UCE-style baseline (concept_world/uce.py) to compare against.
 Beside the table it lists the concepts behind each number: erased ones still drawn, kept ones lost and drawn as what.
 
     python bench/eval_world.py                       # writes bench/out/eval_world.md (+ .json) and the grid
     python bench/eval_world.py --counts 1 --seeds 4  # quicker
+    python bench/eval_world.py --pipelines refine,mace,uce --no-grid --suffix _uce  # a subset of the pipelines
     python bench/eval_world.py --text-width 96 --counts 8 --lr 2e-2 --no-grid --suffix _text96  # a wider world
     python bench/eval_world.py --family sdxl --counts 8 --pooled both --no-grid --suffix _sdxl  # the SDXL world,
                                                      # every pipeline with pooled editing off and on
@@ -57,15 +59,25 @@ def run(mods, world, n, args):
                                edit_pooled=edit_pooled)
         # without pooled editing the no-refine ablation is the same either way: run it once
         pipelines = ee.PIPELINES if edit_pooled is not True or len(pooled) == 1 else ee.PIPELINES[1:4]
+        pipelines = tuple(p for p in pipelines if p in chosen(ee, args))
         got = ee.erase(world, erased, settings, pipelines)
         tag = "" if len(pooled) == 1 else (", pooled on" if edit_pooled else ", pooled off")
         with torch.inference_mode():
             for p, m in got.items():
-                name = p if p in (ee.ORIGINAL, ee.NO_REFINE) else p + tag
+                name = p if p in (ee.ORIGINAL, ee.NO_REFINE, ee.UCE) else p + tag  # UCE never edits pooled
                 out[name] = ee.scores(world, m, erased, range(args.seeds), detail=True)
                 models[name] = m
     log.info("erased %d in %.0f s", n, time.perf_counter() - t0)
     return out, models
+
+
+# --pipelines: which pipelines a run erases and scores (all by default); short names for erasure_eval's constants
+PIPELINE_ARGS = {"original": "ORIGINAL", "refine": "REFINE", "summed": "SUMMED", "mace": "MACE",
+                 "no-refine": "NO_REFINE", "uce": "UCE"}
+
+
+def chosen(ee, args) -> set:
+    return {getattr(ee, PIPELINE_ARGS[k]) for k in args.pipelines.split(",")}
 
 
 def grid(mods, world, erased, before, after, path, seeds=(0, 1), kept=4):
@@ -153,7 +165,12 @@ def main():
                     help="the world's architecture (sdxl: CLIP-L + CLIP-G, pooled vector, size conditioning)")
     ap.add_argument("--pooled", default="default", choices=["default", "off", "on", "both"],
                     help="Refine's edit_pooled (SDXL's pooled-vector road): the node's default, off, on, or both")
+    ap.add_argument("--pipelines", default=",".join(PIPELINE_ARGS),
+                    help="comma-separated subset of " + ", ".join(PIPELINE_ARGS) + " (fewer: a quicker run)")
     args = ap.parse_args()
+    unknown = set(args.pipelines.split(",")) - set(PIPELINE_ARGS)
+    if unknown:
+        ap.error(f"--pipelines: unknown {sorted(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     mods = boot()
@@ -169,8 +186,8 @@ def main():
     for n in counts:
         results[n], models = run(mods, world, n, args)
         log.info("\n%s\n%s", table({n: results[n]}), miss_list({n: results[n]}))
-        if args.grid and n == max(counts):
-            ee = mods["erasure_eval"]
+        ee = mods["erasure_eval"]
+        if args.grid and n == max(counts) and {ee.ORIGINAL, ee.MACE} <= chosen(ee, args):
             mace = next(m for name, m in models.items() if name.startswith(ee.MACE))
             grid(mods, world, ee.ORDER[:n], models[ee.ORIGINAL], mace, Path(str(GRID).format(args.suffix)))
     out = ROOT / "bench" / "out"

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import evaluate, spec
+from . import evaluate, spec, uce
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ REFINE = "refine only"
 SUMMED = "refine + LoRAs summed"
 MACE = "MACE (refine + LoRAs + fusion)"
 NO_REFINE = "LoRAs + fusion, no refine"
-PIPELINES = (ORIGINAL, REFINE, SUMMED, MACE, NO_REFINE)
+UCE = "UCE-style baseline"  # the comparison: UCE's closed form on end-token vectors (uce.py); cheap, so always run
+PIPELINES = (ORIGINAL, REFINE, SUMMED, MACE, NO_REFINE, UCE)
 
 
 @dataclass
@@ -117,6 +118,9 @@ def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES) -
         if NO_REFINE in pipelines:
             bundle0, _, _ = train.train_concept_loras(base, clip, lines, "object", **train_kw)
             out[NO_REFINE] = fuse.fuse_model(base, clip, bundle0, preserve, s.strength, s.lam, s.preservation_target)
+        if UCE in pipelines:
+            # the same concepts, anchors and preserve list as the pack's pipelines; UCE's own ridge (uce.LAM), not s.lam
+            out[UCE] = uce.uce_model(base, clip, lines, preserve)
     return {p: out[p] for p in pipelines}
 
 
