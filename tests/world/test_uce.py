@@ -89,8 +89,8 @@ def test_concept_goes_to_its_anchor_and_preserved_stay(uce, host_mod, smoke_worl
 
 
 def test_many_concepts_keep_the_preserved_far_closer_than_the_erased(uce, host_mod, smoke_world):
-    """Eight erased (each onto its type's anchor) and the other twelve preserved: the erased outputs move, the kept ones by
-    much less."""
+    """Eight erased (each onto its type's anchor) and the other twelve preserved: the erased outputs move, the
+    preserved ones by much less."""
     ee = pack_import("concept_world.erasure_eval")
     spec = pack_import("concept_world.spec")
     erased = ee.ORDER[:8]
