@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 # UCE's ridge lam. The paper's closed form is written without one (its sums are assumed invertible, which takes at
 # least d independent vectors); with a handful of concepts in a 64-wide (or 768-wide) text space they are not, and the
-# ridge both makes the system solvable and keeps W' = W wherever the edit says nothing. 0.1 is the small value UCE's
-# public release uses by default as far as we know (the paper states the form, not a number); it was fixed before any
+# ridge both makes the system solvable and keeps W' = W wherever the edit says nothing. 0.1 is the default of UCE's
+# public release (its edit function's ridge; the paper states the form, not a number); it was fixed before any
 # measurement here and is not tuned against the world. It is absolute, as in UCE: SD's CLIP and the world's text
 # encoder both end in a LayerNorm, so a feature's per-dimension second moment is of order one in both (|c|^2 ~ d,
 # the eigenvalue of c c^T; 0.999 d measured on the world), and 0.1 weighs the same against the data in either. Every
