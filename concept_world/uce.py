@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..mace_core.closed_form import ACC, Moments, apply_transform, spd_solve_right
+from ..mace_core.closed_form import ACC, Moments, WeightDeltas, spd_solve_right, transform_deltas
 from ..mace_core.concepts import Concept, parse_concepts, parse_preserve
 from ..mace_core.text import check_concepts
 
@@ -96,17 +96,16 @@ def uce_vectors(clip, concepts, preserve=(), concept_type: str = "object"):
     return c, c_star, p
 
 
-def uce_deltas(model, clip, concepts, preserve=(), lam: float = LAM, concept_type: str = "object") -> dict:
-    """{key: W T - W} in float32 on the CPU for every cross-attention to_k/to_v weight the pack's refine edits, W being
-    the weights this MODEL computes with (its patches included)."""
+def uce_deltas(model, clip, concepts, preserve=(), lam: float = LAM, concept_type: str = "object") -> WeightDeltas:
+    """W T - W in float32 on the CPU for every cross-attention to_k/to_v weight the pack's refine edits, W being the
+    weights this MODEL computes with (its patches included): the same kind of result refine gives."""
     from ..nodes import host
 
     keys = host.cross_attention_keys(model, clip)
     c, c_star, p = uce_vectors(clip, concepts, preserve, concept_type)
     t = uce_transform(c, c_star, p, lam)
-    # one matrix at a time, in float64 on the CPU (apply_transform), back to float32
-    current = host.CurrentWeights(model, keys, "cpu")
-    return {k: apply_transform(current[k], t) for k in keys}
+    # one matrix at a time, as refinement applies its transform
+    return transform_deltas(host.CurrentWeights(model, keys, "cpu"), t)
 
 
 def uce_model(model, clip, concepts, preserve=(), lam: float = LAM, concept_type: str = "object"):

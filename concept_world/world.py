@@ -149,8 +149,16 @@ def _assemble(groups, meta, seed, preset, path):
                  metrics=meta.get("metrics", {}), family=family)
 
 
-def load(path, seed=0, preset="full"):
+def load(path, seed=0, preset="full", current_only=False):
+    """A world file as a World. current_only: a ValueError, like a stale version's, when the file was trained with
+    other trial options than today's code uses (load_or_train then retrains it); trial files load without it."""
     groups, meta = store.load(path)
+    if current_only:
+        from . import train
+
+        trained = meta.get("training", train.OPTIONS_OFF)
+        if trained != train.training_options():
+            raise ValueError(f"{path}: trained with options {trained}, not today's {train.training_options()}")
     return _assemble(groups, meta, meta.get("seed", seed), meta.get("preset", preset), path)
 
 
@@ -185,11 +193,7 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
     with store.locked(path):
         if os.path.exists(path):
             try:
-                groups, meta = store.load(path)
-                if meta.get("training", train.OPTIONS_OFF) != train.training_options():
-                    raise ValueError(f"{path}: trained with options {meta.get('training', train.OPTIONS_OFF)}, "
-                                     f"not today's {train.training_options()}")
-                world = _assemble(groups, meta, meta.get("seed", seed), meta.get("preset", preset), path)
+                world = load(path, seed, preset, current_only=True)
                 log.info("concept world: loaded %s", path)
             except ValueError as e:
                 log.warning("concept world: retraining, %s", e)
