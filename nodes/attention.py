@@ -27,6 +27,7 @@ from ..mace_core.attention_loss import (
     suppressed_positions,
 )
 from . import host
+from .frozen_weights import DetachedWeight, WeightCopies
 
 log = logging.getLogger("MACE")
 
@@ -118,15 +119,6 @@ def probed_clone(model, probe: AttentionProbe):
 
 # ---------------------------------------------------------------- trainable weights
 
-class DetachedWeight:
-    """Weight wrapper for every weight that is not trained: ComfyUI hands wrappers a fresh copy of the weight; cutting
-    its autograd link keeps backward from ever reaching the shared module's parameters (which may be inference
-    tensors from the executor, or require grad)."""
-
-    def __call__(self, w):
-        return w.detach()
-
-
 _OURS = (DetachedWeight,)
 
 
@@ -192,6 +184,7 @@ class TrainableModel:
         for address, prefix in layers:
             self.patcher.set_model_attn2_replace(_LoRAAttention(self.probe, self.lora, prefix), *address)
         self.patcher.set_model_attn2_patch(self.lora.stash)  # appended last: sees the context the model's own use
+        self.copies = WeightCopies()  # BatchTask's forwards run under copies.saving()
         detached = DetachedWeight()
         dm = self.patcher.model.diffusion_model
         uncovered = []
@@ -199,7 +192,8 @@ class TrainableModel:
             for pname, _ in mod.named_parameters(recurse=False):
                 key = f"diffusion_model.{name}.{pname}"
                 if hasattr(mod, "weight_function"):
-                    self.patcher.add_weight_wrapper(key, detached)
+                    wrapper = DetachedWeight(self.copies, mod) if pname == "weight" else detached
+                    self.patcher.add_weight_wrapper(key, wrapper)
                 else:
                     uncovered.append(key)
         if uncovered:
@@ -512,7 +506,8 @@ class BatchTask:
         probe.sink = lambda probs, eo: terms.append(attention_energy_per_sample(probs, mask_at(probs.shape[2])))
         try:
             self.tm.set_lora(self.up, self.down)
-            denoise_forward(self.tm.patcher, x0, torch.cat(noises).to(dev), torch.cat(ts), conds)
+            with self.tm.copies.saving():  # backward remakes the frozen weights' copies instead of keeping them
+                denoise_forward(self.tm.patcher, x0, torch.cat(noises).to(dev), torch.cat(ts), conds)
         finally:
             probe.sink = probe.token_weights = None
             self.tm.set_lora(None, None)

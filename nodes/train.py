@@ -368,31 +368,21 @@ def _data_batch(source, images: int, size: int, count: int) -> int:
 def _training_batch(tm, data: _ConceptData, up: dict, down: dict, asked: int, count: int) -> int:
     """Concepts per training step, from what one and two concepts' forwards keep for backward (their saved tensors'
     bytes, counted once per storage): the difference is what each concept of a batch adds, the rest is shared (the
-    weights, and their float32 copies when a 16- or 8-bit model computes in float32). Backward holds about as much
+    few weight copies that cannot be remade in backward, see frozen_weights.py). Backward holds about as much
     again in activation gradients while it runs. A `batch` input larger than fits is lowered, and the log says so."""
 
     def saved_bytes(k: int) -> int:
-        total, seen = [0], set()
-
-        def pack(t):
-            key = (t.untyped_storage().data_ptr(), t.device)
-            if key not in seen:
-                seen.add(key)
-                total[0] += t.untyped_storage().nbytes()
-            return t
-
         d = attention.ConceptData(data.prompts, data.latents, data.masks, "uniform")
         task = attention.BatchTask(tm, [d] * k,
                                    {n: torch.stack([v.detach()] * k).requires_grad_(True) for n, v in up.items()},
                                    {n: torch.stack([v.detach()] * k).requires_grad_(True) for n, v in down.items()})
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                task.losses(0, [torch.Generator().manual_seed(0) for _ in range(k)])
+            task.losses(0, [torch.Generator().manual_seed(0) for _ in range(k)])
         except Exception as e:
             if _oom(e):
                 raise RuntimeError(_ONE_DOES_NOT_FIT.format(what="training")) from e
             raise
-        return total[0]
+        return tm.copies.kept_bytes  # what the forward kept for backward (frozen weights' copies are remade there)
 
     one = saved_bytes(1)
     per_concept = max(1.0, 2.0 * (saved_bytes(2) - one)) if count > 1 or asked > 1 else 2.0 * one
