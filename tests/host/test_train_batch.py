@@ -57,7 +57,10 @@ def test_batched_images_and_masks_equal_each_concept_alone(mods, tiny):
     assert len(steps) == att.GEN_STEPS, "one progress call per sampler step of the whole batch"
     assert [tuple(b.shape) for b in batched] == [(2, 4, 8, 8)] * 3
     for a, b in zip(alone, batched):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), float((a - b).abs().max())
+        # the sampler's 20 steps reach latents of size ~100 on this random model; a batched matmul may sum in another
+        # order than a single one (CPU kernels differ by batch shape), so the bound is relative to that size
+        scale = float(a.abs().max())
+        assert torch.allclose(a, b, atol=1e-5 * scale, rtol=1e-4), float((a - b).abs().max()) / scale
     assert not torch.allclose(alone[0], alone[1], atol=1e-2), "each concept has images of its own"
     for a, b in zip(masks_alone, masks_batched):
         assert a.shape == b.shape and float((a != b).float().mean()) <= 1 / 64, "at most a pixel on the threshold"
