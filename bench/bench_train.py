@@ -136,9 +136,11 @@ def main():
     plain = model.clone()
     tm = att.TrainableModel(model, keys)
     up, down = core_train.init_lora(shapes, 1, torch.Generator().manual_seed(0), device=tm.device)
-    task = att.ConceptTask(tm, prompts, lat, mask, up, down, "importance")
-    conds = task.conds[0]
-    x0 = task.x0
+    up = {k: u[None].detach().requires_grad_(True) for k, u in up.items()}  # the Train node's batch of one concept
+    down = {k: d[None].detach().requires_grad_(True) for k, d in down.items()}
+    task = att.BatchTask(tm, [att.ConceptData(prompts, lat, mask, "importance")], up, down)
+    conds = task.conds[0][0]
+    x0 = task.x0[0]
     opt = torch.optim.AdamW(task.parameters(), lr=1e-4)
 
     def step_plain():
@@ -158,7 +160,7 @@ def main():
 
     def step_train():
         opt.zero_grad(set_to_none=True)
-        loss = task.loss(0, fixed.manual_seed(0))
+        loss = task.losses(0, [fixed.manual_seed(0)]).sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
         opt.step()
@@ -178,7 +180,8 @@ def main():
                             base = torch.cuda.memory_allocated()
                         with SavedBytes() as sb:
                             fn()
-                        saved[name] = sb.total
+                        # the train phase's own hooks (frozen weights remade in backward) count what it keeps
+                        saved[name] = tm.copies.kept_bytes if name == "train" else sb.total
                         if torch.device(dev).type == "cuda":
                             peak[name] = torch.cuda.max_memory_allocated() - base
                         continue
