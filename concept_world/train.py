@@ -201,8 +201,10 @@ def _train_diffusion(base, clip, preset, g, hooks):
     unet.train()
     text.train()
     opt = torch.optim.AdamW(params, lr=preset.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=preset.lr, total_steps=max(preset.diff_steps, 1),
-                                                pct_start=0.05)
+    total = max(preset.diff_steps, 1)
+    # OneCycleLR divides by zero where its warm-up would end at step 0 (5 % of exactly 20 steps): warm up 2 steps there
+    warm = 0.05 if abs(0.05 * total - 1) > 1e-9 else 2 / total
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=preset.lr, total_steps=total, pct_start=warm)
     ema = [p.detach().clone() for p in params]
     sigmas = base.model_sampling.sigmas.float()
     b = preset.diff_batch

@@ -127,3 +127,13 @@ def test_a_wider_world_carries_its_width(cw, tmp_path):
     assert "_text" not in cw.load_or_train(seed=3, preset="smoke", cache_dir=tmp_path, text_width=64).path
     with pytest.raises(ValueError, match="multiple of 32"):
         cw.load_or_train(seed=3, preset="smoke", cache_dir=tmp_path, text_width=80)
+
+
+def test_a_world_of_twenty_diffusion_steps_trains(cw):
+    """PyTorch's OneCycleLR divides by zero when 5 % warm-up is exactly one step; such a preset still trains."""
+    import dataclasses
+
+    train = pack_import("concept_world.train")
+    preset = dataclasses.replace(train.PRESETS["smoke"], name="twenty", diff_steps=20)
+    taesd, base_model, clip, classifier, metrics = train.train_world(3, preset)
+    assert base_model is not None and metrics is not None
