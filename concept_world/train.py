@@ -5,7 +5,6 @@ gradients even when called from a node (ComfyUI executes nodes under inference_m
 """
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -62,11 +61,12 @@ CONTEXT_NORM = False
 
 
 def training_options() -> dict:
-    """The trial options above as a world file records them: a cached world trained with other options is stale even
-    under the same version, so load_or_train retrains it rather than testing the wrong world. Files written before
-    these options existed carry none and were trained with them off."""
+    """The trial options above, and the thread count, as a world file records them: a cached world trained with other
+    options is stale even under the same version, so load_or_train retrains it rather than testing the wrong world.
+    Files written before these options existed carry none and were trained with the trial options off and with as
+    many threads as the machine's load left idle (so their worlds differed with the load: they are retrained)."""
     return {"attention_prior": ATTENTION_PRIOR_WEIGHT, "object_share": OBJECT_SHARE if ATTENTION_PRIOR_WEIGHT else 0.0,
-            "context_norm": bool(CONTEXT_NORM)}
+            "context_norm": bool(CONTEXT_NORM), "threads": TRAINING_THREADS}
 
 
 OPTIONS_OFF = {"attention_prior": 0.0, "object_share": 0.0, "context_norm": False}
@@ -342,15 +342,16 @@ def classifier_accuracy(model, taesd, g, per_target):
     return out
 
 
+# The world trains on one thread, always. Another thread count sums in another order (1 and 2 threads differ by 1e-4
+# in the weights after 30 steps, and training amplifies it), and the count used to follow the machine's load, so the
+# same seed gave a different world, and different erasure figures, on a busy machine. One thread is also the fastest
+# on shared cores (tiny ops: an OpenMP thread whose core is busy stalls every op; 2 threads on 2 loaded cores ran
+# 4-30x slower than 1).
+TRAINING_THREADS = 1
+
+
 def _training_threads():
-    # Tiny ops on shared cores: an OpenMP thread whose core is busy stalls every op (measured here: 2 threads
-    # on 2 loaded cores ran 4-30x slower than 1). Use no more threads than there are idle cores.
-    n = torch.get_num_threads()
-    try:
-        idle = (os.cpu_count() or 1) - os.getloadavg()[0]
-    except OSError:
-        return n
-    return max(1, min(n, int(idle + 0.5)))
+    return TRAINING_THREADS
 
 
 def train_world(seed: int, preset: Preset, configs: tuple[dict, dict] | None = None):

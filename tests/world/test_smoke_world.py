@@ -60,7 +60,7 @@ def test_a_world_trained_with_other_options_is_retrained(cw, smoke_world, tmp_pa
     world_mod = pack_import("concept_world.world")
     path = tmp_path / Path(smoke_world.path).name
     shutil.copy(smoke_world.path, path)
-    assert store.load(str(path))[1]["training"] == train.OPTIONS_OFF
+    assert store.load(str(path))[1]["training"] == dict(train.OPTIONS_OFF, threads=1)
     monkeypatch.setattr(train, "CONTEXT_NORM", True)
     world_mod._cache.clear()
     with caplog.at_level(logging.WARNING):
@@ -137,3 +137,25 @@ def test_a_world_of_twenty_diffusion_steps_trains(cw):
     preset = dataclasses.replace(train.PRESETS["smoke"], name="twenty", diff_steps=20)
     taesd, base_model, clip, classifier, metrics = train.train_world(3, preset)
     assert base_model is not None and metrics is not None
+
+
+def test_the_world_is_the_same_whatever_threads_the_caller_runs(cw):
+    """The world trains on one thread whatever torch's setting (and the machine's load): another thread count sums in
+    another order, which used to give the same seed another world. A file from before (no thread count recorded)
+    counts as stale."""
+    import dataclasses
+
+    train = pack_import("concept_world.train")
+    preset = dataclasses.replace(train.PRESETS["smoke"], name="threads", diff_steps=10, diff_batch=16)
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            _, base_model, _, _, _ = train.train_world(3, preset)
+            weights.append({k: v.detach().clone() for k, v in base_model.diffusion_model.state_dict().items()})
+            assert torch.get_num_threads() == n, "the caller's setting is restored"
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert train.training_options()["threads"] == 1 and "threads" not in train.OPTIONS_OFF
