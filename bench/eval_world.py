@@ -11,6 +11,7 @@ Beside the table it lists the concepts behind each number: erased ones still dra
 
     python bench/eval_world.py                       # writes bench/out/eval_world.md (+ .json) and the grid
     python bench/eval_world.py --counts 1 --seeds 4  # quicker
+    python bench/eval_world.py --world-seeds 0,1 --counts 8 --no-grid --suffix _worlds  # two worlds and their mean
     python bench/eval_world.py --pipelines refine,mace,uce --no-grid --suffix _uce  # a subset of the pipelines
     python bench/eval_world.py --text-width 96 --counts 8 --lr 2e-2 --no-grid --suffix _text96  # a wider world
     python bench/eval_world.py --family sdxl --counts 8 --pooled both --no-grid --suffix _sdxl  # the SDXL world,
@@ -117,12 +118,28 @@ def grid(mods, world, erased, before, after, path, seeds=(0, 1), kept=4):
     log.info("wrote %s", path)
 
 
-def table(results) -> str:
-    rows = ["| erased | pipeline | Acc_e ↓ | Acc_g ↓ | Acc_s ↑ | H ↑ |", "|---:|---|---:|---:|---:|---:|"]
+def table(results, spread: bool = False) -> str:
+    rows = ["| erased | pipeline | Acc_e ↓ | Acc_g ↓ | Acc_s ↑ | H ↑ |" + (" H range |" if spread else ""),
+            "|---:|---|---:|---:|---:|---:|" + ("---:|" if spread else "")]
     for n, res in results.items():
         for name, m in res.items():
-            rows.append(f"| {n} | {name} | {m['acc_e']:.2f} | {m['acc_g']:.2f} | {m['acc_s']:.2f} | {m['H']:.2f} |")
+            row = f"| {n} | {name} | {m['acc_e']:.2f} | {m['acc_g']:.2f} | {m['acc_s']:.2f} | {m['H']:.2f} |"
+            rows.append(row + (f" {m['H_min']:.2f}-{m['H_max']:.2f} |" if spread else ""))
     return "\n".join(rows)
+
+
+def mean_over_worlds(per_world: dict) -> dict:
+    """{count: {pipeline: scores}} averaged over the worlds (each a {count: {pipeline: scores}}): the accuracies' and
+    H's means, and H's range over the worlds."""
+    first = next(iter(per_world.values()))
+    out = {}
+    for n, res in first.items():
+        out[n] = {}
+        for name in res:
+            got = [w[n][name] for w in per_world.values()]
+            mean = {k: sum(g[k] for g in got) / len(got) for k in ("acc_e", "acc_g", "acc_s", "H")}
+            out[n][name] = dict(mean, H_min=min(g["H"] for g in got), H_max=max(g["H"] for g in got))
+    return out
 
 
 MISS_LABELS = {"acc_e": "erased, still drawn", "acc_g": "synonyms, still drawn", "acc_s": "kept, lost"}
@@ -144,6 +161,9 @@ def main():
     ap.add_argument("--counts", default="1,4,8")
     ap.add_argument("--seeds", type=int, default=6, help="sampling seeds per prompt")
     ap.add_argument("--world-seed", type=int, default=0)
+    ap.add_argument("--world-seeds", default=None,
+                    help="comma-separated world seeds (instead of --world-seed): each world is measured and the mean "
+                         "over the worlds is reported beside; one world is one sample of the recipe")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--images", type=int, default=8)
@@ -175,28 +195,43 @@ def main():
     torch.set_num_threads(args.threads)
     mods = boot()
     w = mods["world"]
-    if args.world_path:
-        world = w.load(args.world_path)
-    elif args.family == "sdxl":
-        world = w.load_or_train(args.world_seed, family="sdxl")
-    else:
-        world = w.load_or_train(args.world_seed, text_width=args.text_width)
-    results = {}
+    world_seeds = [int(x) for x in args.world_seeds.split(",")] if args.world_seeds else [args.world_seed]
+    if len(world_seeds) > 1 and args.world_path:
+        ap.error("--world-seeds measures the cached worlds of those seeds, not --world-path")
     counts = [int(c) for c in args.counts.split(",")]
-    for n in counts:
-        results[n], models = run(mods, world, n, args)
-        log.info("\n%s\n%s", table({n: results[n]}), miss_list({n: results[n]}))
-        ee = mods["erasure_eval"]
-        if args.grid and n == max(counts) and {ee.ORIGINAL, ee.MACE} <= chosen(ee, args):
-            mace = next(m for name, m in models.items() if name.startswith(ee.MACE))
-            grid(mods, world, ee.ORDER[:n], models[ee.ORIGINAL], mace, Path(str(GRID).format(args.suffix)))
+    per_world = {}
+    for ws in world_seeds:
+        if args.world_path:
+            world = w.load(args.world_path)
+        elif args.family == "sdxl":
+            world = w.load_or_train(ws, family="sdxl")
+        else:
+            world = w.load_or_train(ws, text_width=args.text_width)
+        results = per_world[ws] = {}
+        for n in counts:
+            results[n], models = run(mods, world, n, args)
+            log.info("\nworld seed %d\n%s\n%s", ws, table({n: results[n]}), miss_list({n: results[n]}))
+            ee = mods["erasure_eval"]
+            if args.grid and ws == world_seeds[0] and n == max(counts) and {ee.ORIGINAL, ee.MACE} <= chosen(ee, args):
+                mace = next(m for name, m in models.items() if name.startswith(ee.MACE))
+                grid(mods, world, ee.ORDER[:n], models[ee.ORIGINAL], mace, Path(str(GRID).format(args.suffix)))
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "threads"}
-    (out / f"eval_world{args.suffix}.json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
-    (out / f"eval_world{args.suffix}.md").write_text(f"{table(results)}\n\nPer concept (cases out of seeds):\n\n"
-                                                     f"{miss_list(results)}\n\nSettings: {settings}\n")
-    print(table(results))  # the bench's report
+    if len(world_seeds) == 1:
+        results = per_world[world_seeds[0]]
+        report = f"{table(results)}\n\nPer concept (cases out of seeds):\n\n{miss_list(results)}\n"
+        stored = results
+    else:
+        results = mean_over_worlds(per_world)
+        report = f"Mean over world seeds {world_seeds} (H: mean of the worlds' H; range beside):\n\n" \
+                 f"{table(results, spread=True)}\n"
+        for ws, res in per_world.items():
+            report += f"\nWorld seed {ws}:\n\n{table(res)}\n\nPer concept (cases out of seeds):\n\n{miss_list(res)}\n"
+        stored = {"mean": results, "worlds": per_world}
+    (out / f"eval_world{args.suffix}.json").write_text(json.dumps({"settings": settings, "results": stored}, indent=1))
+    (out / f"eval_world{args.suffix}.md").write_text(f"{report}\nSettings: {settings}\n")
+    print(table(results, spread=len(world_seeds) > 1))  # the bench's report
 
 
 if __name__ == "__main__":
