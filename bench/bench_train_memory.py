@@ -18,6 +18,7 @@ step computing in float32, as TrainableModel makes fp16/fp8 models do).
 
 import argparse
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,8 @@ def main():
     ap.add_argument("--target", type=int, default=128, help="latent side to predict (SDXL's 1024 px: 128)")
     ap.add_argument("--fp32", action="store_true", help="weights stored in float32 (default: fp16, as checkpoints are)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="steps per size and mode; the time reported is their median (memory: the first step's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -117,7 +120,8 @@ def main():
             for s in sizes:
                 for mode in rows:
                     tm.copies.enabled = mode == "remade"
-                    rows[mode].append((s, *step(att, core, tm, prompts, shapes, s, dev)))
+                    runs = [step(att, core, tm, prompts, shapes, s, dev) for _ in range(args.repeats)]
+                    rows[mode].append((s, runs[0][0], runs[0][1], statistics.median(r[2] for r in runs)))
         finally:
             with torch.inference_mode():
                 tm.release()
@@ -134,7 +138,7 @@ def main():
             peak_s = f"{peak / GIB:.3f}" if peak is not None else "-"
             print(f"{s:>8}{8 * s:>8}{mode:>8}{saved / GIB:>24.3f}{peak_s:>21}{seconds:>8.1f}")
     for s, (k, r) in zip(sizes, zip(rows["kept"], rows["remade"])):
-        print(f"latent {s}: saved for backward {r[1] / k[1]:.3f}x of keeping the copies")
+        print(f"latent {s}: saved for backward {r[1] / k[1]:.3f}x of keeping the copies, step time {r[3] / k[3]:.2f}x")
     got = rows["remade"]
     px = [s * s for s, *_ in got]
     a_saved, b_saved = fit_line(px, [saved for _, saved, _, _ in got])
