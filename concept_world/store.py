@@ -18,7 +18,7 @@ FORMAT = "mace-concept-world"
 # bump whenever training, rendering or the spec change: old files are then ignored, never loaded
 VERSION = 6
 # the SDXL-architecture world has its own count, so a change to one family's recipe leaves the other's files valid
-SDXL_VERSION = 1
+SDXL_VERSION = 2  # v2: CLIP-G 64 wide (v1: 32)
 VERSIONS = {"sd15": VERSION, "sdxl": SDXL_VERSION}
 GROUPS = ("unet", "clip", "vae", "classifier")
 

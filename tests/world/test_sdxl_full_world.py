@@ -35,3 +35,21 @@ def test_sdxl_world_depends_on_its_pooled_vector(world):
         own = unet(x, t, context=c1, y=world.model.model.encode_adm(pooled_output=p1, width=64, height=64))
         other = unet(x, t, context=c1, y=world.model.model.encode_adm(pooled_output=p2, width=64, height=64))
     assert (own - other).abs().mean() > 0.01 * own.abs().mean()
+
+
+def test_eight_erased_on_the_sdxl_world_every_stage_counting(world):
+    """Issue 15's goal on the SDXL world: erasing 8 (people, objects and styles mixed) at a LoRA rate of 3e-3 (as the
+    SD1.5 world's test; at the defaults the LoRAs barely move a toy, docs/world_attention.md), the full pipeline scores
+    a higher H than refinement alone, than refinement + LoRAs summed and than LoRAs fused without refinement. Measured
+    on this release's CPU: MACE 0.87, refine only 0.74, summed 0.29, no refine 0.43 (docs/sdxl_world.md); the bound
+    is the floor the SD1.5 world's test uses, since a seed trains another world on another kind of CPU."""
+    import torch
+
+    ee = pack_import("concept_world.erasure_eval")
+    pipelines = (ee.REFINE, ee.SUMMED, ee.MACE, ee.NO_REFINE)
+    with torch.inference_mode():
+        got = ee.measure(world, ee.ORDER[:8], range(6), ee.Settings(lr=3e-3, edit_pooled=False), pipelines)
+    h = {p: round(s["H"], 3) for p, s in got.items()}
+    for ablation in (ee.REFINE, ee.SUMMED, ee.NO_REFINE):
+        assert got[ee.MACE]["H"] > got[ablation]["H"], h
+    assert got[ee.MACE]["H"] >= 0.80, (h, got[ee.MACE])

@@ -19,10 +19,10 @@ def test_objects_are_comfyui_s_sdxl(host, sdxl_smoke_world, smoke_world):
     assert isinstance(w.vae, comfy.sd.VAE)
     sd = w.model.model_state_dict()
     to_k = [k for k in sd if k.endswith("attn2.to_k.weight")]
-    assert len(to_k) == 7 and all(sd[k].shape[1] == 64 for k in to_k)  # context = clip_l 32 + clip_g 32
-    assert sd["diffusion_model.label_emb.0.0.weight"].shape == (128, 32 + 1536)  # [pooled | six size embeddings]
+    assert len(to_k) == 7 and all(sd[k].shape[1] == 96 for k in to_k)  # context = clip_l 32 + clip_g 64
+    assert sd["diffusion_model.label_emb.0.0.weight"].shape == (128, 64 + 1536)  # [pooled | six size embeddings]
     # its own file: the SD1.5 world's name (and version) are untouched
-    assert "concept_world_sdxl_v1_smoke_seed3" in w.path and w.path != smoke_world.path
+    assert "concept_world_sdxl_v2_smoke_seed3" in w.path and w.path != smoke_world.path
     store = pack_import("concept_world.store")
     assert store.load(w.path)[1]["family"] == "sdxl"
     assert store.VERSION == 6 and "_sdxl" not in smoke_world.path
@@ -37,7 +37,7 @@ def test_training_context_and_pooled_are_what_comfyui_encodes(sdxl_smoke_world):
     with torch.no_grad():
         ctx, pooled = nets.encode_sdxl(clip, ids)
         comfy = [clip.encode_from_tokens(clip.tokenize(p), return_pooled=True) for p in prompts]
-    assert ctx.shape == (4, 77, 64) and pooled.shape == (4, 32)
+    assert ctx.shape == (4, 77, 96) and pooled.shape == (4, 64)
     assert torch.allclose(ctx, torch.cat([c for c, _ in comfy]), atol=1e-5)
     assert torch.allclose(pooled, torch.cat([p for _, p in comfy]), atol=1e-5)
 
@@ -49,7 +49,7 @@ def test_pooled_vector_reaches_the_unet(sdxl_smoke_world):
     (c1, p1), (_, p2) = w.encode(["a photo of red lantern", "dotwork style"])
     y1 = w.model.model.encode_adm(pooled_output=p1, width=64, height=64)
     y2 = w.model.model.encode_adm(pooled_output=p2, width=64, height=64)
-    assert y1.shape == (1, 32 + 1536) and torch.equal(y1[:, 32:], y2[:, 32:]) and not torch.equal(y1, y2)
+    assert y1.shape == (1, 64 + 1536) and torch.equal(y1[:, 64:], y2[:, 64:]) and not torch.equal(y1, y2)
     unet = w.model.model.diffusion_model
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])
