@@ -50,6 +50,17 @@ def load_pack():
                                                      "mace_core.concepts", "mace_core.train")}
 
 
+def start_pack(threads: int):
+    """What every training bench does first: quiet logging, its thread count, the host booted and the pack loaded
+    (its modules), or None without a ComfyUI host."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    torch.set_num_threads(threads)
+    if not comfy_host.available():
+        print(f"no ComfyUI host at {comfy_host.HOST} (set COMFYUI_PATH); nothing to measure")
+        return None
+    return load_pack()
+
+
 def build(sd15: bool, dtype):
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -107,12 +118,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (shared cores: 1 avoids OpenMP spinning)")
     ap.add_argument("--fp16", action="store_true")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    if not comfy_host.available():
-        print(f"no ComfyUI host at {comfy_host.HOST} (set COMFYUI_PATH); nothing to measure")
+    mods = start_pack(args.threads)
+    if mods is None:
         return
-    mods = load_pack()
     import comfy.model_management as mm
 
     att, host, tr = mods["nodes.attention"], mods["nodes.host"], mods["nodes.train"]

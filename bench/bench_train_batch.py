@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "host"))
 import comfy_host  # noqa: E402
-from bench_train import SD15_UNET, load_pack, sync  # noqa: E402
+from bench_train import SD15_UNET, start_pack, sync  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -74,12 +74,9 @@ def main():
                     help="batch sizes for the training images and masks (blank: skip that table)")
     ap.add_argument("--images", type=int, default=8, help="images per concept for the data table")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    if not comfy_host.available():
-        print(f"no ComfyUI host at {comfy_host.HOST} (set COMFYUI_PATH); nothing to measure")
+    mods = start_pack(args.threads)
+    if mods is None:
         return
-    mods = load_pack()
     import comfy.model_management as mm
 
     att, host, tr = mods["nodes.attention"], mods["nodes.host"], mods["nodes.train"]

@@ -28,9 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "host"))
-import comfy_host  # noqa: E402
 from _common import peak_rss, reset_peak_rss  # noqa: E402
-from bench_train import load_pack, sync  # noqa: E402
+from bench_train import start_pack, sync  # noqa: E402
 from bench_train_batch import build  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -91,12 +90,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=1,
                     help="steps per size and mode; the time reported is their median (memory: the first step's)")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    torch.set_num_threads(args.threads)
-    if not comfy_host.available():
-        print(f"no ComfyUI host at {comfy_host.HOST} (set COMFYUI_PATH); nothing to measure")
+    mods = start_pack(args.threads)
+    if mods is None:
         return
-    mods = load_pack()
     import comfy.model_management as mm
 
     att, host, core = mods["nodes.attention"], mods["nodes.host"], mods["mace_core.train"]
