@@ -16,6 +16,9 @@ Beside the table it lists the concepts behind each number: erased ones still dra
     python bench/eval_world.py --text-width 96 --counts 8 --lr 2e-2 --no-grid --suffix _text96  # a wider world
     python bench/eval_world.py --family sdxl --counts 8 --pooled both --no-grid --suffix _sdxl  # the SDXL world,
                                                      # every pipeline with pooled editing off and on
+    python bench/eval_world.py --world mass --suffix _mass   # the mass world (126 concepts): erasing 10, 25, 50
+                                                     # and 100, each stage timed, H against the count plotted in
+                                                     # docs/mass_erasure.png
 """
 
 import argparse
@@ -34,6 +37,9 @@ import comfy_host  # noqa: E402
 
 log = logging.getLogger("eval_world")
 GRID = ROOT / "docs" / "world_erasure_grid{}.png"
+PLOT = ROOT / "docs" / "mass_erasure.png"
+# the worlds (concept_world presets) and the erased counts measured on each by default
+WORLDS = {"standard": ("full", "1,4,8"), "mass": ("mass", "10,25,50,100")}
 
 
 def boot():
@@ -49,9 +55,9 @@ def boot():
 
 def run(mods, world, n, args):
     ee = mods["erasure_eval"]
-    erased = ee.ORDER[:n]
+    erased = list(world.spec.ORDER[:n])
     pooled = {"off": [False], "on": [True], "both": [False, True], "default": [None]}[args.pooled]
-    out, models = {}, {}
+    out, models, times = {}, {}, {}
     t0 = time.perf_counter()
     for edit_pooled in pooled:
         settings = ee.Settings(steps=args.steps, lr=args.lr, images=args.images, strength=args.strength,
@@ -61,15 +67,22 @@ def run(mods, world, n, args):
         # without pooled editing the no-refine ablation is the same either way: run it once
         pipelines = ee.PIPELINES if edit_pooled is not True or len(pooled) == 1 else ee.PIPELINES[1:4]
         pipelines = tuple(p for p in pipelines if p in chosen(ee, args))
-        got = ee.erase(world, erased, settings, pipelines)
-        tag = "" if len(pooled) == 1 else (", pooled on" if edit_pooled else ", pooled off")
+        stages = {}
+        got = ee.erase(world, erased, settings, pipelines, stages)
+        times.update({k + tag_of(edit_pooled, pooled): v for k, v in stages.items()})
+        tag = tag_of(edit_pooled, pooled)
         with torch.inference_mode():
             for p, m in got.items():
                 name = p if p in (ee.ORIGINAL, ee.NO_REFINE, ee.UCE) else p + tag  # UCE never edits pooled
                 out[name] = ee.scores(world, m, erased, range(args.seeds), detail=True)
                 models[name] = m
-    log.info("erased %d in %.0f s", n, time.perf_counter() - t0)
-    return out, models
+    log.info("erased %d in %.0f s; stages %s", n, time.perf_counter() - t0,
+             {k: round(v, 1) for k, v in times.items()})
+    return out, models, times
+
+
+def tag_of(edit_pooled, pooled) -> str:
+    return "" if len(pooled) == 1 else (", pooled on" if edit_pooled else ", pooled off")
 
 
 # --pipelines: which pipelines a run erases and scores (all by default); short names for erasure_eval's constants
@@ -86,7 +99,7 @@ def grid(mods, world, erased, before, after, path, seeds=(0, 1), kept=4):
     columns the same seeds drawn by the original and by the erased model."""
     from PIL import Image, ImageDraw, ImageFont
 
-    spec = mods["spec"]
+    spec = world.spec
     rows = []
     for name in erased[:4]:
         c = spec.CONCEPTS[spec.concept_index(name)]
@@ -142,6 +155,61 @@ def mean_over_worlds(per_world: dict) -> dict:
     return out
 
 
+def time_table(times: dict) -> str:
+    """Seconds per stage for each count, and the cost ratio the mass-erasure goal is about: refine and fuse against
+    the LoRA training between them."""
+    rows = ["| erased | refine s | train s | fuse s | (refine + fuse) / train | UCE-style s |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for n, t in times.items():
+        if not {"refine", "train", "fuse"} <= set(t):
+            continue
+        ratio = (t["refine"] + t["fuse"]) / max(t["train"], 1e-9)
+        rows.append(f"| {n} | {t['refine']:.1f} | {t['train']:.1f} | {t['fuse']:.1f} | {100 * ratio:.1f} % | "
+                    f"{t.get('uce', float('nan')):.1f} |")
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path, title: str):
+    """H against the number erased, one line per pipeline (the original model's is left out: it erases nothing)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    counts = sorted(results)
+    names = [p for p in next(iter(results.values())) if p != "original"]
+    colors = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189), (120, 120, 120)]
+    w, h, left, right, top, bottom = 760, 430, 60, 250, 40, 50
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    pw, ph = w - left - right, h - top - bottom
+
+    def xy(i, value):
+        x = left + (pw * i / max(len(counts) - 1, 1))
+        return x, top + ph * (1 - value)
+
+    for k in range(6):  # H gridlines at 0, 0.2, ... 1
+        y = top + ph * (1 - k / 5)
+        d.line([(left, y), (left + pw, y)], fill=(225, 225, 225))
+        d.text((left - 30, y - 6), f"{k / 5:.1f}", fill="black", font=font)
+    for i, n in enumerate(counts):
+        x, _ = xy(i, 0)
+        d.text((x - 8, top + ph + 8), str(n), fill="black", font=font)
+    d.text((left + pw / 2 - 50, h - 22), "concepts erased", fill="black", font=font)
+    d.text((8, 12), "H", fill="black", font=font)
+    d.text((left, 12), title, fill=(60, 60, 60), font=font)
+    for j, name in enumerate(names):
+        color = colors[j % len(colors)]
+        pts = [xy(i, results[n][name]["H"]) for i, n in enumerate(counts) if name in results[n]]
+        if len(pts) > 1:
+            d.line(pts, fill=color, width=3)
+        for x, y in pts:
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+        d.line([(left + pw + 16, top + 10 + 22 * j), (left + pw + 40, top + 10 + 22 * j)], fill=color, width=3)
+        d.text((left + pw + 46, top + 4 + 22 * j), name[:32], fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, optimize=True)
+    log.info("wrote %s", path)
+
+
 MISS_LABELS = {"acc_e": "erased, still drawn", "acc_g": "synonyms, still drawn", "acc_s": "kept, lost"}
 
 
@@ -158,7 +226,9 @@ def miss_list(results) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--counts", default="1,4,8")
+    ap.add_argument("--world", default="standard", choices=list(WORLDS),
+                    help="standard: the 20-concept world; mass: the 126-concept world (mass erasure)")
+    ap.add_argument("--counts", default=None, help="erased counts (default: 1,4,8; on the mass world 10,25,50,100)")
     ap.add_argument("--seeds", type=int, default=6, help="sampling seeds per prompt")
     ap.add_argument("--world-seed", type=int, default=0)
     ap.add_argument("--world-seeds", default=None,
@@ -198,29 +268,36 @@ def main():
     world_seeds = [int(x) for x in args.world_seeds.split(",")] if args.world_seeds else [args.world_seed]
     if len(world_seeds) > 1 and args.world_path:
         ap.error("--world-seeds measures the cached worlds of those seeds, not --world-path")
-    counts = [int(c) for c in args.counts.split(",")]
-    per_world = {}
+    preset, default_counts = WORLDS[args.world]
+    if args.world != "standard" and (args.family != "sd15" or args.text_width):
+        ap.error("--world mass is measured in the SD1.5 architecture at the default width")
+    counts = [int(c) for c in (args.counts or default_counts).split(",")]
+    per_world, stage_times = {}, {}
     for ws in world_seeds:
         if args.world_path:
             world = w.load(args.world_path)
         elif args.family == "sdxl":
             world = w.load_or_train(ws, family="sdxl")
         else:
-            world = w.load_or_train(ws, text_width=args.text_width)
+            world = w.load_or_train(ws, preset, text_width=args.text_width)
         results = per_world[ws] = {}
+        stage_times[ws] = {}
         for n in counts:
-            results[n], models = run(mods, world, n, args)
-            log.info("\nworld seed %d\n%s\n%s", ws, table({n: results[n]}), miss_list({n: results[n]}))
+            results[n], models, stage_times[ws][n] = run(mods, world, n, args)
+            log.info("\nworld seed %d\n%s\n%s\n%s", ws, table({n: results[n]}), miss_list({n: results[n]}),
+                     time_table({n: stage_times[ws][n]}))
             ee = mods["erasure_eval"]
             if args.grid and ws == world_seeds[0] and n == max(counts) and {ee.ORIGINAL, ee.MACE} <= chosen(ee, args):
                 mace = next(m for name, m in models.items() if name.startswith(ee.MACE))
-                grid(mods, world, ee.ORDER[:n], models[ee.ORIGINAL], mace, Path(str(GRID).format(args.suffix)))
+                grid(mods, world, list(world.spec.ORDER[:n]), models[ee.ORIGINAL], mace,
+                     Path(str(GRID).format(args.suffix)))
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "threads"}
     if len(world_seeds) == 1:
         results = per_world[world_seeds[0]]
-        report = f"{table(results)}\n\nPer concept (cases out of seeds):\n\n{miss_list(results)}\n"
+        report = (f"{table(results)}\n\nSeconds per stage:\n\n{time_table(stage_times[world_seeds[0]])}\n\n"
+                  f"Per concept (cases out of seeds):\n\n{miss_list(results)}\n")
         stored = results
     else:
         results = mean_over_worlds(per_world)
@@ -229,7 +306,12 @@ def main():
         for ws, res in per_world.items():
             report += f"\nWorld seed {ws}:\n\n{table(res)}\n\nPer concept (cases out of seeds):\n\n{miss_list(res)}\n"
         stored = {"mean": results, "worlds": per_world}
-    (out / f"eval_world{args.suffix}.json").write_text(json.dumps({"settings": settings, "results": stored}, indent=1))
+    (out / f"eval_world{args.suffix}.json").write_text(
+        json.dumps({"settings": settings, "results": stored, "seconds": stage_times}, indent=1))
+    if args.world == "mass" and len(counts) > 1:
+        plot(results, PLOT if not args.suffix or args.suffix == "_mass" else PLOT.with_stem(PLOT.stem + args.suffix),
+             f"mass world (126 concepts), world seed {world_seeds[0] if len(world_seeds) == 1 else world_seeds}, "
+             f"{args.seeds} sampling seeds, lr {args.lr:g}, {args.steps} steps")
     (out / f"eval_world{args.suffix}.md").write_text(f"{report}\nSettings: {settings}\n")
     print(table(results, spread=len(world_seeds) > 1))  # the bench's report
 

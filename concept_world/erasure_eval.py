@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import evaluate, spec, uce
+from . import evaluate, uce
+from .spec import STANDARD
 
 log = logging.getLogger(__name__)
 
 # The world's concept types as MACE's (the world calls its people 'person').
 TYPE = {"object": "object", "person": "celebrity", "style": "style"}
-# Erasure order: concept types interleaved, so every count mixes them (fixed, so runs compare).
-ORDER = ["Tomas Lindqvist", "red lantern", "dotwork style", "golden crown", "Priya Raman", "mosaic tile style",
-         "green cactus", "Nadia Okafor"]
+# The standard world's erasure order (each world's spec carries its own: spec.WorldSpec.ORDER).
+ORDER = list(STANDARD.ORDER)
 
 ORIGINAL = "original"
 REFINE = "refine only"
@@ -47,9 +47,9 @@ class Settings:
     edit_pooled: bool | None = None  # Refine: also edit SDXL's pooled-vector road (None: the node's default)
 
 
-def concept_lines(names) -> str:
+def concept_lines(names, sp) -> str:
     """The nodes' concept box for these world concepts: `name | type` per line."""
-    return "\n".join(f"{n} | {TYPE[spec.CONCEPTS[spec.concept_index(n)].concept_type]}" for n in names)
+    return "\n".join(f"{n} | {TYPE[sp.CONCEPTS[sp.concept_index(n)].concept_type]}" for n in names)
 
 
 def harmonic(acc_e, acc_g, acc_s, eps=1e-6) -> float:
@@ -60,8 +60,9 @@ def scores(world, model, erased, seeds, detail: bool = False) -> dict:
     """Acc_e, Acc_g, Acc_s and H of `model` with the concepts `erased` (names) gone.
 
     detail: also "misses", the cases behind each number that went the wrong way, per concept (see misses())."""
-    erased_ids = [spec.concept_index(n) for n in erased]
-    kept_ids = [i for i in range(len(spec.CONCEPTS)) if i not in erased_ids]
+    sp = world.spec
+    erased_ids = [sp.concept_index(n) for n in erased]
+    kept_ids = [i for i in range(len(sp.CONCEPTS)) if i not in erased_ids]
     out, found = {}, {}
     for key, ids, names in (("acc_e", erased_ids, "canonical"), ("acc_g", erased_ids, "synonyms"),
                             ("acc_s", kept_ids, "canonical")):
@@ -70,11 +71,11 @@ def scores(world, model, erased, seeds, detail: bool = False) -> dict:
         found[key] = (cid, pred)
     out["H"] = harmonic(out["acc_e"], out["acc_g"], out["acc_s"])
     if detail:
-        out["misses"] = misses(found)
+        out["misses"] = misses(found, sp)
     return out
 
 
-def misses(found: dict) -> dict:
+def misses(found: dict, sp) -> dict:
     """Where a score lost: {"acc_e"/"acc_g": {erased concept: cases still drawn}, "acc_s": {kept concept: cases
     drawn as something else}}, each "k/n" with what was drawn instead when a kept concept was lost (the classifier's
     most frequent other answer), so a table's number can be traced to the concepts behind it."""
@@ -87,40 +88,55 @@ def misses(found: dict) -> dict:
             if len(wrong):
                 entry = f"{len(wrong)}/{len(got)}"
                 if key == "acc_s":
-                    entry += f" as {spec.CLASS_NAMES[int(wrong.mode().values)]}"
-                per[spec.CONCEPTS[c].name] = entry
+                    entry += f" as {sp.CLASS_NAMES[int(wrong.mode().values)]}"
+                per[sp.CONCEPTS[c].name] = entry
         out[key] = per
     return out
 
 
-def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES) -> dict:
-    """{pipeline: MODEL} for the requested pipelines, each a patched clone of world.model (never changed)."""
+def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES, times=None) -> dict:
+    """{pipeline: MODEL} for the requested pipelines, each a patched clone of world.model (never changed).
+
+    times: a dict that receives each stage's seconds: "refine", "train" and "fuse" of the full pipeline, "train (no
+    refine)" and "fuse (no refine)" of that ablation, "uce" of the baseline (only the stages that ran)."""
     from ..nodes import fuse, refine, train
 
     s = settings
-    lines = concept_lines(erased)
-    preserve = "\n".join(c.name for c in spec.CONCEPTS if c.name not in erased) if s.preserve else ""
+    times = {} if times is None else times
+    lines = concept_lines(erased, world.spec)
+    preserve = "\n".join(c.name for c in world.spec.CONCEPTS if c.name not in erased) if s.preserve else ""
     base, clip = world.model, world.clip
     train_kw = dict(steps=s.steps, learning_rate=s.lr, rank=s.rank, seed=s.seed, timestep_sampling="importance",
                     images_per_concept=s.images, mask_source="auto", image_size=64, image_model=base)
+
+    def timed(stage, fn, *args, **kw):
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        times[stage] = time.perf_counter() - t0
+        return out
+
     out = {}
     with torch.inference_mode():
         if ORIGINAL in pipelines:
             out[ORIGINAL] = base
         if {REFINE, SUMMED, MACE} & set(pipelines):
             pooled = {} if s.edit_pooled is None else {"edit_pooled": s.edit_pooled}
-            refined = refine.refine_model(base, clip, lines, "object", preserve=preserve,
-                                          preservation_strength=s.strength, lambda_=s.lam, **pooled)
+            refined = timed("refine", refine.refine_model, base, clip, lines, "object", preserve=preserve,
+                            preservation_strength=s.strength, lambda_=s.lam, **pooled)
             out[REFINE] = refined
             if {SUMMED, MACE} & set(pipelines):
-                bundle, out[SUMMED], _ = train.train_concept_loras(refined, clip, lines, "object", **train_kw)
-                out[MACE] = fuse.fuse_model(refined, clip, bundle, preserve, s.strength, s.lam, s.preservation_target)
+                bundle, out[SUMMED], _ = timed("train", train.train_concept_loras, refined, clip, lines, "object",
+                                               **train_kw)
+                out[MACE] = timed("fuse", fuse.fuse_model, refined, clip, bundle, preserve, s.strength, s.lam,
+                                  s.preservation_target)
         if NO_REFINE in pipelines:
-            bundle0, _, _ = train.train_concept_loras(base, clip, lines, "object", **train_kw)
-            out[NO_REFINE] = fuse.fuse_model(base, clip, bundle0, preserve, s.strength, s.lam, s.preservation_target)
+            bundle0, _, _ = timed("train (no refine)", train.train_concept_loras, base, clip, lines, "object",
+                                  **train_kw)
+            out[NO_REFINE] = timed("fuse (no refine)", fuse.fuse_model, base, clip, bundle0, preserve, s.strength,
+                                   s.lam, s.preservation_target)
         if UCE in pipelines:
             # the same concepts, anchors and preserve list as the pack's pipelines; UCE's own ridge (uce.LAM), not s.lam
-            out[UCE] = uce.uce_model(base, clip, lines, preserve)
+            out[UCE] = timed("uce", uce.uce_model, base, clip, lines, preserve)
     return {p: out[p] for p in pipelines}
 
 

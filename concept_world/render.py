@@ -1,20 +1,31 @@
 """Drawing the concept world's pictures: antialiased shapes from signed distances, plain torch, one image at a time.
 
-A target is a concept index (0..N-1) or one of the generic kinds below (N + k). All randomness (position,
-size, background, pattern phase) comes from the caller's torch.Generator, so a dataset is a function of a seed.
+A target is a concept index (0..N-1) or one of the generic kinds below (N + k), N being the world's number of
+concepts (every function takes the world's spec, the standard world's by default). All randomness (position, size,
+background, pattern phase) comes from the caller's torch.Generator, so a dataset is a function of a seed.
 """
 
 import math
 
 import torch
 
-from .spec import CONCEPT_TYPES, CONCEPTS
+from .spec import CONCEPT_TYPES, STANDARD
 
-N = len(CONCEPTS)
-# generic pictures: a grey object, a grey person, a plain painted canvas, an empty background
-GENERIC_OBJECT, GENERIC_PERSON, GENERIC_ART, BLANK = N, N + 1, N + 2, N + 3
+# generic pictures, after the concepts: a grey object, a grey person, a plain painted canvas, an empty background
+_GENERIC_KINDS = ("object", "person", "style", "blank")
+N = len(STANDARD.CONCEPTS)
+GENERIC_OBJECT, GENERIC_PERSON, GENERIC_ART, BLANK = N, N + 1, N + 2, N + 3  # the standard world's
 GENERIC = {"object": GENERIC_OBJECT, "person": GENERIC_PERSON, "style": GENERIC_ART}
-N_TARGETS = N + 4
+N_TARGETS = N + len(_GENERIC_KINDS)
+
+
+def n_targets(sp=STANDARD) -> int:
+    return len(sp.CONCEPTS) + len(_GENERIC_KINDS)
+
+
+def generic(kind: str, sp=STANDARD) -> int:
+    """The render target of a generic picture ("object", "person", "style" or "blank") in a world."""
+    return len(sp.CONCEPTS) + _GENERIC_KINDS.index(kind)
 
 _SKIN = (0.93, 0.75, 0.60)
 _OBJECT_SHAPES = ("disc", "square", "triangle", "cross", "dome", "diamond", "ring", "barrel")
@@ -158,13 +169,14 @@ def _style(g, x, y, kind, colors):
     raise ValueError(kind)
 
 
-def render_one(target, g, size=64):
+def render_one(target, g, size=64, sp=STANDARD):
     """One picture (3, size, size) in [0, 1] and its concept mask (1, size, size)."""
     ys = (torch.arange(size, dtype=torch.float32) + 0.5)
     y, x = torch.meshgrid(ys, ys, indexing="ij")
     full = torch.ones(1, size, size)
-    if target < N:
-        c = CONCEPTS[target]
+    n = len(sp.CONCEPTS)
+    if target < n:
+        c = sp.CONCEPTS[target]
         if c.concept_type == "object":
             img, m = _object(g, _background(g, x), x, y, c.shape, c.colors)
         elif c.concept_type == "person":
@@ -172,38 +184,41 @@ def render_one(target, g, size=64):
         else:
             return _style(g, x, y, c.shape, c.colors).clamp(0, 1), full
         return img.clamp(0, 1), m.unsqueeze(0)
-    if target == GENERIC_OBJECT:
+    kind = _GENERIC_KINDS[target - n] if n <= target < n + len(_GENERIC_KINDS) else None
+    if kind == "object":
         shape = _OBJECT_SHAPES[int(torch.randint(len(_OBJECT_SHAPES), (), generator=g))]
         grey = _u(g, 0.40, 0.52)
         img, m = _object(g, _background(g, x), x, y, shape, ((grey,) * 3, (grey * 0.6,) * 3))
-    elif target == GENERIC_PERSON:
+    elif kind == "person":
         cut = ("dress", "suit")[int(torch.randint(2, (), generator=g))]
         img, m = _person(g, _background(g, x), x, y, cut, (0.5, 0.5, 0.5), (0.58, 0.58, 0.58))
-    elif target == GENERIC_ART:
+    elif kind == "style":
         img = _style(g, x, y, "wash", ((0.80, 0.78, 0.74), (0.55, 0.55, 0.55), (0.62, 0.60, 0.58)))
         m = torch.zeros(size, size)
-    elif target == BLANK:
+    elif kind == "blank":
         img, m = _background(g, x), torch.zeros(size, size)
     else:
         raise ValueError(target)
     return img.clamp(0, 1), m.unsqueeze(0)
 
 
-def render(targets, g, size=64):
+def render(targets, g, size=64, sp=STANDARD):
     """A batch: images (B, 3, size, size) in [0, 1] and masks (B, 1, size, size)."""
-    out = [render_one(int(t), g, size) for t in targets]
+    out = [render_one(int(t), g, size, sp) for t in targets]
     return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
 
 
-def class_of(target: int) -> int:
+def class_of(target: int, sp=STANDARD) -> int:
     """Classifier label of a render target: the concept, or NONE for every generic picture."""
-    return target if target < N else N
+    return min(target, sp.NONE)
 
 
-def concept_type_of(target: int) -> str:
-    if target < N:
-        return CONCEPTS[target].concept_type
-    return {GENERIC_OBJECT: "object", GENERIC_PERSON: "person", GENERIC_ART: "style"}.get(target, "none")
+def concept_type_of(target: int, sp=STANDARD) -> str:
+    n = len(sp.CONCEPTS)
+    if target < n:
+        return sp.CONCEPTS[target].concept_type
+    kind = _GENERIC_KINDS[target - n]
+    return kind if kind in CONCEPT_TYPES else "none"
 
 
 assert set(GENERIC) == set(CONCEPT_TYPES)

@@ -69,16 +69,6 @@ _STYLES = [
      ((0.05, 0.20, 0.52), (0.88, 0.94, 1.00))),
 ]
 
-CONCEPTS = tuple(
-    [Concept(n, _OBJ, s, shape, c) for n, s, shape, c in _OBJECTS]
-    + [Concept(n, _PER, s, shape, c) for n, s, shape, c in _PEOPLE]
-    + [Concept(n, _STY, s, shape, c) for n, s, shape, c in _STYLES]
-)
-
-# The classifier's extra class: generic / no concept.
-NONE = len(CONCEPTS)
-CLASS_NAMES = tuple(c.name for c in CONCEPTS) + ("none",)
-
 # Generic pictures per concept type, drawn grey / pattern-free; their prompts use the anchors.
 ANCHORS = {_OBJ: ("an object", "a thing"), _PER: ("a person", "someone"), _STY: ("art", "plain style")}
 
@@ -92,38 +82,94 @@ TEMPLATES = {
 }
 
 
-def concept_index(name: str) -> int:
-    """Index of a concept by any of its names (case-insensitive)."""
-    key = name.strip().lower()
-    for i, c in enumerate(CONCEPTS):
-        if key in (n.lower() for n in c.names):
-            return i
-    raise KeyError(name)
+class WorldSpec:
+    """One world's contents: its concepts, anchors and templates. The attribute names are the module's own (CONCEPTS,
+    CLASS_NAMES, NONE, ...), so code written against `spec` reads a World's `.spec` the same way for every world."""
+
+    CONCEPT_TYPES = CONCEPT_TYPES
+
+    def __init__(self, name: str, concepts, order, anchors=None, templates=None):
+        self.name = name
+        self.CONCEPTS = tuple(concepts)
+        # the erasure order of the benches and tests: concept types interleaved, so every count mixes them (fixed,
+        # so runs compare)
+        self.ORDER = tuple(order)
+        self.ANCHORS = ANCHORS if anchors is None else anchors
+        self.TEMPLATES = TEMPLATES if templates is None else templates
+        # the classifier's extra class: generic / no concept
+        self.NONE = len(self.CONCEPTS)
+        self.CLASS_NAMES = tuple(c.name for c in self.CONCEPTS) + ("none",)
+        self._index = {}
+        for i, c in enumerate(self.CONCEPTS):
+            for n in c.names:
+                key = n.strip().lower()
+                if key in self._index:
+                    raise ValueError(f"world {name!r}: the name {n!r} is used twice")
+                self._index[key] = i
+        for n in self.ORDER:
+            self.concept_index(n)  # a typo in the order fails here, not in a bench an hour in
+
+    def __repr__(self):
+        return f"WorldSpec({self.name!r}, {len(self.CONCEPTS)} concepts)"
+
+    def concept_index(self, name: str) -> int:
+        """Index of a concept by any of its names (case-insensitive)."""
+        try:
+            return self._index[name.strip().lower()]
+        except KeyError:
+            raise KeyError(name) from None
+
+    def concept_type_indices(self, concept_type: str):
+        return [i for i, c in enumerate(self.CONCEPTS) if c.concept_type == concept_type]
+
+    def prompts_for(self, concept: int, names="canonical", templates=None):
+        """Prompts of a concept: names is "canonical", "synonyms" or "all"; templates default to its type's."""
+        c = self.CONCEPTS[concept]
+        chosen = {"canonical": c.names[:1], "synonyms": c.names[1:], "all": c.names}[names]
+        templates = self.TEMPLATES[c.concept_type] if templates is None else templates
+        return [t.format(n) for n in chosen for t in templates]
+
+    def anchor_prompts(self, concept_type: str, templates=None):
+        templates = self.TEMPLATES[concept_type] if templates is None else templates
+        return [t.format(a) for a in self.ANCHORS[concept_type] for t in templates]
+
+    def as_dict(self):
+        """JSON-able description (stored in the world file's metadata)."""
+        return {
+            # "family": the key world files have always stored the concept type under (this dict is part of the file)
+            "concepts": [{"name": c.name, "family": c.concept_type, "synonyms": list(c.synonyms)}
+                         for c in self.CONCEPTS],
+            "anchors": {k: list(v) for k, v in self.ANCHORS.items()},
+            "templates": {k: list(v) for k, v in self.TEMPLATES.items()},
+            "classes": list(self.CLASS_NAMES),
+        }
 
 
-def concept_type_indices(concept_type: str):
-    return [i for i, c in enumerate(CONCEPTS) if c.concept_type == concept_type]
+# The standard world: 20 concepts, the one every test and table before the mass world measured.
+STANDARD = WorldSpec("standard",
+                     [Concept(n, _OBJ, s, shape, c) for n, s, shape, c in _OBJECTS]
+                     + [Concept(n, _PER, s, shape, c) for n, s, shape, c in _PEOPLE]
+                     + [Concept(n, _STY, s, shape, c) for n, s, shape, c in _STYLES],
+                     order=["Tomas Lindqvist", "red lantern", "dotwork style", "golden crown", "Priya Raman",
+                            "mosaic tile style", "green cactus", "Nadia Okafor"])
+
+# The module's names are the standard world's.
+CONCEPTS = STANDARD.CONCEPTS
+NONE = STANDARD.NONE
+CLASS_NAMES = STANDARD.CLASS_NAMES
+concept_index = STANDARD.concept_index
+concept_type_indices = STANDARD.concept_type_indices
+prompts_for = STANDARD.prompts_for
+anchor_prompts = STANDARD.anchor_prompts
+as_dict = STANDARD.as_dict
 
 
-def prompts_for(concept: int, names="canonical", templates=None):
-    """Prompts of a concept: names is "canonical", "synonyms" or "all"; templates default to its concept type's."""
-    c = CONCEPTS[concept]
-    chosen = {"canonical": c.names[:1], "synonyms": c.names[1:], "all": c.names}[names]
-    templates = TEMPLATES[c.concept_type] if templates is None else templates
-    return [t.format(n) for n in chosen for t in templates]
+def named(name: str) -> WorldSpec:
+    """A world's spec by its name ("standard" or "mass")."""
+    if name == "standard":
+        return STANDARD
+    if name == "mass":
+        from .mass import MASS
 
-
-def anchor_prompts(concept_type: str, templates=None):
-    templates = TEMPLATES[concept_type] if templates is None else templates
-    return [t.format(a) for a in ANCHORS[concept_type] for t in templates]
-
-
-def as_dict():
-    """JSON-able description (stored in the world file's metadata)."""
-    return {
-        # "family": the key world files have always stored the concept type under (this dict is part of the file)
-        "concepts": [{"name": c.name, "family": c.concept_type, "synonyms": list(c.synonyms)} for c in CONCEPTS],
-        "anchors": {k: list(v) for k, v in ANCHORS.items()},
-        "templates": {k: list(v) for k, v in TEMPLATES.items()},
-        "classes": list(CLASS_NAMES),
-    }
+        return MASS
+    raise ValueError(f"unknown concept world {name!r}; one of standard, mass")

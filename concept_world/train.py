@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import autoencoder, classifier, cpu, nets, render
-from .spec import ANCHORS, CONCEPTS, TEMPLATES
+from .spec import STANDARD, named
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,11 @@ class Preset:
     recon_pool: int
     eval_renders: int  # held-out renders per target for the classifier's accuracy
     lr: float = 1e-3
+    world: str = "standard"  # which concepts (spec.named): "standard" (20) or "mass" (mass.py)
+
+    @property
+    def spec(self):
+        return named(self.world)
 
 
 PRESETS = {
@@ -37,6 +42,13 @@ PRESETS = {
     # seconds: only checks that every phase runs and the result loads into ComfyUI
     "smoke": Preset("smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3, cls_batch=8,
                     recon_pool=8, eval_renders=1),
+    # the mass world (mass.py, 126 concepts): sized to train in under 30 minutes on one core without bf16. Its
+    # classifier tells 127 classes apart, which takes 5x the standard world's steps (300 steps: 59 % held out on
+    # renders, 1500: 99.6 %, measured)
+    "mass": Preset("mass", ae_steps=300, ae_batch=32, diff_steps=4000, diff_batch=64, cls_steps=1500, cls_batch=64,
+                   recon_pool=1536, eval_renders=4, world="mass"),
+    "mass_smoke": Preset("mass_smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3, cls_batch=8,
+                         recon_pool=8, eval_renders=1, world="mass"),
 }
 
 UNCOND_P = 0.1  # prompt dropout to "" so classifier-free guidance works
@@ -76,29 +88,30 @@ def _phase_gen(seed, phase):
     return torch.Generator().manual_seed(seed * 7919 + phase)
 
 
-def _target_weights():
+def _target_weights(sp=STANDARD):
     # concepts 80 %, each generic 5 %, blank background 5 %
-    w = torch.full((render.N_TARGETS,), 0.05)
-    w[: render.N] = 0.8 / render.N
+    n = len(sp.CONCEPTS)
+    w = torch.full((render.n_targets(sp),), 0.05)
+    w[:n] = 0.8 / n
     return w
 
 
-def sample_targets(g, n):
-    return torch.multinomial(_target_weights(), n, replacement=True, generator=g).tolist()
+def sample_targets(g, n, sp=STANDARD):
+    return torch.multinomial(_target_weights(sp), n, replacement=True, generator=g).tolist()
 
 
-def prompt_table():
+def prompt_table(sp=STANDARD):
     """Per render target, the prompts it is trained under (concept names, or their type's anchors, in templates)."""
-    return [[p for p, _ in group] for group in _phrase_table()]
+    return [[p for p, _ in group] for group in _phrase_table(sp)]
 
 
-def _phrase_table():
+def _phrase_table(sp=STANDARD):
     """prompt_table with each prompt's drawn phrase (the concept's name or the anchor): [[(prompt, phrase)]]."""
     table = []
-    for c in CONCEPTS:
-        table.append([(t.format(n), n) for n in c.names for t in TEMPLATES[c.concept_type]])
+    for c in sp.CONCEPTS:
+        table.append([(t.format(n), n) for n in c.names for t in sp.TEMPLATES[c.concept_type]])
     for ctype in ("object", "person", "style"):
-        table.append([(t.format(a), a) for a in ANCHORS[ctype] for t in TEMPLATES[ctype]])
+        table.append([(t.format(a), a) for a in sp.ANCHORS[ctype] for t in sp.TEMPLATES[ctype]])
     table.append([("", "")])  # blank background: only the empty prompt
     return table
 
@@ -169,7 +182,8 @@ class _Hooks:
 def _train_diffusion(base, clip, preset, g, hooks):
     unet = base.diffusion_model
     text = clip.cond_stage_model
-    phrases = _phrase_table()
+    sp = preset.spec
+    phrases = _phrase_table(sp)
     table = [[p for p, _ in group] for group in phrases]
     keys = nets.text_keys(clip)
     sdxl = keys == ["l", "g"]
@@ -221,8 +235,8 @@ def _train_diffusion(base, clip, preset, g, hooks):
     objects[""] = torch.zeros(CONTEXT_LENGTH)
     loss_ema = prior_ema = None
     for step in range(preset.diff_steps):
-        targets = sample_targets(g, b)
-        images, masks = render.render(targets, g)
+        targets = sample_targets(g, b, sp)
+        images, masks = render.render(targets, g, sp=sp)
         z = autoencoder.latent_of(images)
         drop = (torch.rand(b, generator=g) < UNCOND_P).tolist()
         prompts = []
@@ -292,19 +306,19 @@ def _train_diffusion(base, clip, preset, g, hooks):
     return loss_ema
 
 
-def _recon_pool(taesd, n, g, batch=64):
+def _recon_pool(taesd, n, g, sp=STANDARD, batch=64):
     images, labels = [], []
     with torch.no_grad():
         for i in range(0, n, batch):
-            targets = sample_targets(g, min(batch, n - i))
-            x, _ = render.render(targets, g)
+            targets = sample_targets(g, min(batch, n - i), sp)
+            x, _ = render.render(targets, g, sp=sp)
             z = autoencoder.latent_of(x)
             # sampled latents are never exact: the classifier sees the decoder's rendering of noisy ones too
             z = z + torch.rand(z.shape[0], 1, 1, 1, generator=g) * 0.3 * torch.randn(z.shape, generator=g)
             with cpu.autocast():
                 out = autoencoder.decode01(taesd, z)
             images.append(out.float().clamp(0, 1).half())
-            labels += [render.class_of(t) for t in targets]
+            labels += [render.class_of(t, sp) for t in targets]
     return torch.cat(images), torch.tensor(labels)
 
 
@@ -324,19 +338,19 @@ def _jitter(images, g):
     return images.clamp(0, 1)
 
 
-def classifier_accuracy(model, taesd, g, per_target):
+def classifier_accuracy(model, taesd, g, per_target, sp=STANDARD):
     """Held-out accuracy on fresh renders and on their VAE round trips, overall and per concept type."""
-    targets = [t for t in range(render.N_TARGETS) for _ in range(per_target)]
+    targets = [t for t in range(render.n_targets(sp)) for _ in range(per_target)]
     with torch.no_grad():
-        x, _ = render.render(targets, g)
+        x, _ = render.render(targets, g, sp=sp)
         rec = autoencoder.decode01(taesd, autoencoder.latent_of(x))
-        labels = torch.tensor([render.class_of(t) for t in targets])
+        labels = torch.tensor([render.class_of(t, sp) for t in targets])
         out = {}
         for kind, imgs in (("render", x), ("vae", rec)):
             ok = model.predict(imgs) == labels
             out[kind] = round(ok.float().mean().item(), 4)
             for ctype in ("object", "person", "style", "none"):
-                sel = torch.tensor([render.concept_type_of(t) == ctype if ctype != "none" else t >= render.N
+                sel = torch.tensor([render.concept_type_of(t, sp) == ctype if ctype != "none" else t >= sp.NONE
                                     for t in targets])
                 out[f"{kind}_{ctype}"] = round(ok[sel].float().mean().item(), 4)
     return out
@@ -376,8 +390,9 @@ def _train_world(seed, preset, configs):
     t0 = time.perf_counter()
     g = _phase_gen(seed, 1)
     taesd = autoencoder.build_taesd(g)
-    loss = autoencoder.train_decoder(taesd, lambda n: render.render(sample_targets(g, n), g)[0], preset.ae_steps, g,
-                                     batch=preset.ae_batch, progress=hooks)
+    sp = preset.spec
+    loss = autoencoder.train_decoder(taesd, lambda n: render.render(sample_targets(g, n, sp), g, sp=sp)[0],
+                                     preset.ae_steps, g, batch=preset.ae_batch, progress=hooks)
     metrics["decoder_loss"] = round(loss or 0.0, 5)
     metrics["time_decoder_s"] = round(time.perf_counter() - t0, 1)
     log.info("concept world: phase 1/3 decoder done in %.0f s", metrics["time_decoder_s"])
@@ -402,21 +417,21 @@ def _train_world(seed, preset, configs):
 
     t0 = time.perf_counter()
     g = _phase_gen(seed, 3)
-    pool_x, pool_y = _recon_pool(taesd, preset.recon_pool, g)
-    cls = classifier.Classifier()
+    pool_x, pool_y = _recon_pool(taesd, preset.recon_pool, g, sp)
+    cls = classifier.Classifier(len(sp.CLASS_NAMES))
     classifier.init_(cls, g)
     half = preset.cls_batch // 2
 
     def batch(_step):
-        targets = sample_targets(g, preset.cls_batch - half)
-        x, _ = render.render(targets, g)
+        targets = sample_targets(g, preset.cls_batch - half, sp)
+        x, _ = render.render(targets, g, sp=sp)
         idx = torch.randint(pool_x.shape[0], (half,), generator=g)
         images = _jitter(torch.cat([x, pool_x[idx].float()]), g)
-        labels = torch.cat([torch.tensor([render.class_of(t) for t in targets]), pool_y[idx]])
+        labels = torch.cat([torch.tensor([render.class_of(t, sp) for t in targets]), pool_y[idx]])
         return images, labels
 
     classifier.train(cls, batch, preset.cls_steps, progress=hooks)
-    metrics["classifier"] = classifier_accuracy(cls, taesd, _phase_gen(seed, 4), preset.eval_renders)
+    metrics["classifier"] = classifier_accuracy(cls, taesd, _phase_gen(seed, 4), preset.eval_renders, sp)
     metrics["time_classifier_s"] = round(time.perf_counter() - t0, 1)
     metrics["time_train_s"] = round(time.perf_counter() - t_all, 1)
     # wall time depends on what else runs on the machine; CPU seconds / threads is the quiet-machine figure

@@ -15,6 +15,7 @@ import torch
 
 from . import classifier as classifier_mod
 from . import nets, segment, spec, store
+from .spec import STANDARD, WorldSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class World:
     metrics: dict = field(default_factory=dict)
     sampler: SamplerSettings = field(default_factory=SamplerSettings)
     family: str = "sd15"  # "sd15" or "sdxl" (architecture of model and clip)
-    spec = spec  # concepts, concept types, synonyms, templates, anchors, class names
+    # concepts, concept types, synonyms, templates, anchors, class names (a spec.WorldSpec: standard or mass)
+    spec: WorldSpec = STANDARD
 
     # --- text -----------------------------------------------------------------------------------------------
     def encode(self, prompts, clip=None):
@@ -135,7 +137,8 @@ def _assemble(groups, meta, seed, preset, path):
         # scale factor (SDXL 0.13025, not SD1.5's 0.18215), so the TAESD's own scale must be that one
         vae_sd = dict(vae_sd, vae_scale=torch.tensor(float(base.latent_format.scale_factor)))
     vae = comfy.sd.VAE(sd=vae_sd)
-    cls = classifier_mod.Classifier()
+    sp = spec.named(meta.get("world", "standard"))  # files from before the mass world hold the standard one
+    cls = classifier_mod.Classifier(len(sp.CLASS_NAMES))
     cls.load_state_dict(groups["classifier"])
     cls.eval().requires_grad_(False)
     model = nets.patcher(base)
@@ -146,7 +149,7 @@ def _assemble(groups, meta, seed, preset, path):
 
     model.model_options[SAMPLING_HINT] = {"image_size": LATENT_SHAPE[-1] * 8}
     return World(seed=seed, preset=preset, path=path, model=model, clip=clip, vae=vae, classifier=cls,
-                 metrics=meta.get("metrics", {}), family=family)
+                 metrics=meta.get("metrics", {}), family=family, spec=sp)
 
 
 def load(path, seed=0, preset="full", current_only=False):
@@ -166,7 +169,8 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
                   family: str = "sd15") -> World:
     """The world for a seed: loaded from <models>/mace_world/ when there, else trained (minutes) and saved.
 
-    preset "full" is the real world; "smoke" trains for seconds and only proves the plumbing. cache_dir
+    preset "full" is the real world; "smoke" trains for seconds and only proves the plumbing; "mass" is the world of
+    126 concepts (mass.py, about 30 minutes of training) and "mass_smoke" its smoke version. cache_dir
     overrides the folder (tests use a temporary one for smoke worlds). evaluate (default: full preset only)
     measures how often the trained model draws the right concept and stores it in world.metrics. text_width (default
     nets.TEXT_WIDTH, 64) widens the text encoder and the UNet's context, to see what the world's width does to erasure.
@@ -178,6 +182,8 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
 
     if family not in nets.FAMILIES:
         raise ValueError(f"unknown world family {family!r}; one of {', '.join(nets.FAMILIES)}")
+    if preset not in train.PRESETS:
+        raise ValueError(f"unknown world preset {preset!r}; one of {', '.join(train.PRESETS)}")
     if family == "sdxl":
         if text_width is not None:
             raise ValueError("text_width is for the SD1.5 world; the SDXL world has its own widths")
@@ -206,11 +212,12 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
             groups = {"unet": store.state_dict_f32(base.diffusion_model),
                       "clip": store.state_dict_f32(clip.cond_stage_model),
                       "vae": store.state_dict_f32(taesd), "classifier": store.state_dict_f32(cls)}
-            meta = {"seed": seed, "preset": preset, "family": family, "spec": spec.as_dict(),
+            sp = train.PRESETS[preset].spec
+            meta = {"seed": seed, "preset": preset, "family": family, "world": sp.name, "spec": sp.as_dict(),
                     "unet_config": configs[0], "clip_config": configs[1], "prediction": "v",
                     "sampler": SamplerSettings().__dict__, "metrics": metrics, "training": train.training_options()}
             world = _assemble(groups, meta, seed, preset, path)
-            if (preset != "smoke") if evaluate is None else evaluate:
+            if (not preset.endswith("smoke")) if evaluate is None else evaluate:
                 world.metrics["generation"] = evaluate_mod.draw_accuracy(world)
                 log.info("concept world: draws the right concept for %s", world.metrics["generation"])
             meta["metrics"] = world.metrics

@@ -1,5 +1,5 @@
-"""MACE Concept World: a tiny SD1.5- (or SDXL-) architecture model that really knows 20 made-up concepts, for trying
-erasure."""
+"""MACE Concept World: a tiny SD1.5- (or SDXL-) architecture model that really knows 20 (or, in the mass world, 126)
+made-up concepts, for trying erasure."""
 
 from comfy_api.latest import io
 
@@ -7,6 +7,8 @@ from ..concept_world import world as concept_world
 
 # The family combo's choices -> concept_world's family names.
 FAMILIES = {"SD1.5": "sd15", "SDXL": "sdxl"}
+# The concepts combo's choices -> concept_world's training presets.
+WORLDS = {"20 concepts": "full", "mass (126 concepts)": "mass"}
 
 
 class MACEConceptWorld(io.ComfyNode):
@@ -22,7 +24,8 @@ class MACEConceptWorld(io.ComfyNode):
                 "such as 'dotwork style'), 64x64 pixels. Erase a concept and see it go. The first run for a seed "
                 "trains the world on the CPU (several minutes) and saves it under models/mace_world; later runs "
                 "load it. family SDXL gives the same world in SDXL's architecture (two text encoders, a pooled "
-                "text vector and size conditioning)."
+                "text vector and size conditioning). concepts 'mass' loads a world of 126 concepts (48 objects, 48 "
+                "people, 30 styles) for erasing tens of them at once; it trains for about half an hour the first time."
             ),
             inputs=[
                 # The frontend gives every INT named 'seed' a 'randomize after generate' control unless told not
@@ -34,6 +37,11 @@ class MACEConceptWorld(io.ComfyNode):
                                tooltip="The world's architecture. SD1.5: one CLIP-L text encoder. SDXL: CLIP-L + "
                                        "CLIP-G, whose pooled vector also enters the UNet (with size conditioning), "
                                        "as in SDXL. Each is trained once (minutes) and saved on its own."),
+                io.Combo.Input("concepts", options=list(WORLDS), default="20 concepts", optional=True,
+                               tooltip="Which world: the standard one of 20 concepts, or the mass world of 126 "
+                                       "(names such as 'Thonton Gagube' or 'resba style'; the list is in "
+                                       "concept_world/mass.py), where tens of concepts can be erased at once. The "
+                                       "mass world trains once (about 30 minutes on a CPU) and is saved on its own."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The world's SD1.5- or SDXL-architecture UNet (64x64 images, 8x8 latents)."),
@@ -44,13 +52,15 @@ class MACEConceptWorld(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, seed, family="SD1.5") -> io.NodeOutput:
+    def execute(cls, seed, family="SD1.5", concepts="20 concepts") -> io.NodeOutput:
         if family not in FAMILIES:
             raise ValueError(f"MACE Concept World: family must be one of {', '.join(FAMILIES)}, got {family!r}")
-        fam = FAMILIES[family]
-        # the SD1.5 world is loaded exactly as before the option existed (same call, same file)
-        world = concept_world.load_or_train(int(seed)) if fam == "sd15" else concept_world.load_or_train(
-            int(seed), family=fam)
+        if concepts not in WORLDS:
+            raise ValueError(f"MACE Concept World: concepts must be one of {', '.join(WORLDS)}, got {concepts!r}")
+        fam, preset = FAMILIES[family], WORLDS[concepts]
+        # the standard worlds are loaded exactly as before the options existed (same call, same file)
+        options = ({} if fam == "sd15" else {"family": fam}) | ({} if preset == "full" else {"preset": preset})
+        world = concept_world.load_or_train(int(seed), **options)
         return io.NodeOutput(world.model, world.clip, world.vae)
 
 

@@ -69,7 +69,7 @@ def test_a_world_seed_never_randomizes(object_info):
     assert spec[1].get("control_after_generate") is False
     ui = to_ui(json.loads((WF / "api" / "concept_world_erase.json").read_text()), object_info)
     world = next(n for n in ui["nodes"] if n["type"] == "MACEConceptWorld")
-    assert world["widgets_values"] == [0, "SD1.5"]  # seed, then the family combo (last, SD1.5 by default)
+    assert world["widgets_values"] == [0, "SD1.5", "20 concepts"]  # seed, family, concepts: each new one last
     for n in ui["nodes"]:
         if n["type"] == "KSampler" or n["type"] == "MACETrainConceptLoRA":
             assert "fixed" in n["widgets_values"] and "randomize" not in n["widgets_values"], n["type"]

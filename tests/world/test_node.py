@@ -17,8 +17,8 @@ def test_schema(host):
     assert schema.node_id == "MACEConceptWorld"
     assert schema.display_name == "MACE Concept World" and schema.category == "MACE/demo"
     assert schema.description
-    # family comes last, so workflows saved with only the seed keep their widget values in order
-    assert [i.id for i in schema.inputs] == ["seed", "family"] and all(i.tooltip for i in schema.inputs)
+    # each new input comes last, so workflows saved before it keep their widget values in order
+    assert [i.id for i in schema.inputs] == ["seed", "family", "concepts"] and all(i.tooltip for i in schema.inputs)
     assert schema.inputs[0].default == 0
     assert schema.inputs[1].default == "SD1.5" and schema.inputs[1].options == ["SD1.5", "SDXL"]
     info = cls.GET_NODE_INFO_V1()
@@ -31,7 +31,7 @@ def test_execute_as_the_executor_does(host, smoke_world, monkeypatch):
 
     mod = _node(host)
     seen = []
-    monkeypatch.setattr(mod.concept_world, "load_or_train", lambda seed: seen.append(seed) or smoke_world)
+    monkeypatch.setattr(mod.concept_world, "load_or_train", lambda seed, **options: seen.append(seed) or smoke_world)
     cls = mod.MACEConceptWorld
     cls.VALIDATE_CLASS()
     f = make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE({}))

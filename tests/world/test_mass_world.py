@@ -1,0 +1,124 @@
+"""The mass world (126 concepts): its spec, its pictures, a smoke-size world through every phase, the loader's option.
+
+The full mass world trains in about half an hour; CI trains only its smoke version, and bench/eval_world.py
+--world mass measures erasure on the full one."""
+
+import pytest
+import torch
+from world_support import pack_import
+
+mass = pack_import("concept_world.mass")
+render = pack_import("concept_world.render")
+spec = pack_import("concept_world.spec")
+MASS = mass.MASS
+
+
+def test_at_least_120_concepts_of_every_type_each_with_a_synonym():
+    assert len(MASS.CONCEPTS) >= 120
+    counts = {t: len(MASS.concept_type_indices(t)) for t in spec.CONCEPT_TYPES}
+    assert min(counts.values()) >= 30, counts
+    names = [n.lower() for c in MASS.CONCEPTS for n in c.names]
+    assert len(names) == len(set(names)), "every name belongs to one concept"
+    for i, c in enumerate(MASS.CONCEPTS):
+        assert len(c.synonyms) >= 1
+        assert all(MASS.concept_index(n) == i for n in c.names)
+    assert MASS.CLASS_NAMES[MASS.NONE] == "none" and len(MASS.CLASS_NAMES) == len(MASS.CONCEPTS) + 1
+    assert spec.named("mass") is MASS and spec.named("standard") is spec.STANDARD
+    with pytest.raises(ValueError, match="unknown concept world 'huge'"):
+        spec.named("huge")
+
+
+def test_every_concept_is_drawn_from_its_own_parts():
+    """No two concepts share a drawing: the classifier could not tell them apart, nor could erasure keep one."""
+    parts = [(c.concept_type, c.shape, c.colors) for c in MASS.CONCEPTS]
+    assert len(parts) == len(set(parts))
+
+
+def test_the_erasure_order_mixes_types_and_covers_every_concept():
+    order = MASS.ORDER
+    assert sorted(order) == sorted(c.name for c in MASS.CONCEPTS)
+    first = [MASS.CONCEPTS[MASS.concept_index(n)].concept_type for n in order[:10]]
+    assert set(first) == set(spec.CONCEPT_TYPES)
+    first_shapes = {MASS.CONCEPTS[MASS.concept_index(n)].shape for n in order[:10]}
+    assert len(first_shapes) >= 5, first_shapes
+
+
+def test_renders_every_target_deterministically():
+    n = render.n_targets(MASS)
+    targets = list(range(n))
+    a, ma = render.render(targets, torch.Generator().manual_seed(5), sp=MASS)
+    b, mb = render.render(targets, torch.Generator().manual_seed(5), sp=MASS)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    assert a.shape == (n, 3, 64, 64)
+    labels = [render.class_of(t, MASS) for t in targets]
+    assert labels[:MASS.NONE] == list(range(MASS.NONE)) and set(labels[MASS.NONE:]) == {MASS.NONE}
+    assert render.concept_type_of(render.generic("person", MASS), MASS) == "person"
+    assert render.concept_type_of(render.generic("blank", MASS), MASS) == "none"
+
+
+def test_the_standard_world_renders_as_before_the_mass_world():
+    """The standard world's targets keep their numbers (generic pictures after its 20 concepts)."""
+    assert render.n_targets() == render.N_TARGETS == 24
+    assert [render.generic(k) for k in ("object", "person", "style", "blank")] == [20, 21, 22, 23]
+
+
+@pytest.fixture(scope="module")
+def mass_smoke_world(cw, smoke_dir):
+    return cw.load_or_train(seed=3, preset="mass_smoke", cache_dir=smoke_dir)
+
+
+def test_a_mass_smoke_world_trains_saves_and_loads_with_its_concepts(cw, mass_smoke_world):
+    store = pack_import("concept_world.store")
+    world = mass_smoke_world
+    assert world.spec is MASS and "mass_smoke" in world.path
+    groups, meta = store.load(world.path)
+    assert meta["world"] == "mass" and len(meta["spec"]["concepts"]) == len(MASS.CONCEPTS)
+    assert groups["classifier"]["head.weight"].shape[0] == len(MASS.CLASS_NAMES)
+    again = cw.load(world.path)
+    assert again.spec is MASS
+    ids = world.predict([MASS.prompts_for(MASS.concept_index(MASS.ORDER[0]))[0]], seeds=range(2))
+    assert ids.shape == (1, 2) and 0 <= ids.min() and ids.max() <= MASS.NONE
+
+
+def test_erasure_scores_on_the_mass_world_read_its_concepts(mass_smoke_world):
+    ee = pack_import("concept_world.erasure_eval")
+    erased = list(MASS.ORDER[:3])
+    assert ee.concept_lines(erased, MASS).splitlines()[0] == f"{erased[0]} | celebrity"
+    with torch.inference_mode():
+        got = ee.scores(mass_smoke_world, mass_smoke_world.model, erased, range(1), detail=True)
+    assert set(got) == {"acc_e", "acc_g", "acc_s", "H", "misses"}
+    lost = set(got["misses"]["acc_s"])
+    assert lost <= {c.name for c in MASS.CONCEPTS} - set(erased)
+
+
+def test_an_unknown_preset_is_named(cw, smoke_dir):
+    with pytest.raises(ValueError, match="preset 'huge'"):
+        cw.load_or_train(seed=3, preset="huge", cache_dir=smoke_dir)
+
+
+def test_the_loader_node_offers_the_mass_world(host, smoke_world, mass_smoke_world, monkeypatch):
+    """'mass (126 concepts)' asks for the mass preset; leaving the option out (an old workflow) asks exactly as
+    before; a wrong value is named."""
+    from comfy_api.internal import make_locked_method_func
+
+    mod = pack_import("nodes.concept_world")
+    schema = mod.MACEConceptWorld.GET_SCHEMA()
+    assert [i.id for i in schema.inputs] == ["seed", "family", "concepts"]
+    assert schema.inputs[2].options == list(mod.WORLDS) and schema.inputs[2].default == "20 concepts"
+    calls = []
+
+    def fake(seed, **options):
+        calls.append((seed, options))
+        return mass_smoke_world if options.get("preset") == "mass" else smoke_world
+
+    monkeypatch.setattr(mod.concept_world, "load_or_train", fake)
+    cls = mod.MACEConceptWorld
+    f = make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE({}))
+    with torch.inference_mode():
+        got = f(seed=2, concepts="mass (126 concepts)")
+        f(seed=2)
+        f(seed=2, family="SDXL", concepts="mass (126 concepts)")
+        with pytest.raises(ValueError, match="concepts must be one of"):
+            f(seed=2, concepts="all of them")
+    assert calls == [(2, {"preset": "mass"}), (2, {}), (2, {"family": "sdxl", "preset": "mass"})]
+    assert got.result[0] is mass_smoke_world.model
