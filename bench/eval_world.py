@@ -19,6 +19,9 @@ Beside the table it lists the concepts behind each number: erased ones still dra
     python bench/eval_world.py --world mass --suffix _mass   # the mass world (126 concepts): erasing 10, 25, 50
                                                      # and 100, each stage timed, H against the count plotted in
                                                      # docs/mass_erasure.png
+    python bench/eval_world.py --world mass --counts 10,100 --threads 1 --no-grid --suffix _mass_a &   # the same
+    python bench/eval_world.py --world mass --counts 25,50 --threads 1 --no-grid --suffix _mass_b; wait   # on 2 cores
+    python bench/eval_world.py --join bench/out/eval_world_mass_a.json,bench/out/eval_world_mass_b.json --suffix _mass
 """
 
 import argparse
@@ -257,11 +260,21 @@ def main():
                     help="Refine's edit_pooled (SDXL's pooled-vector road): the node's default, off, on, or both")
     ap.add_argument("--pipelines", default=",".join(PIPELINE_ARGS),
                     help="comma-separated subset of " + ", ".join(PIPELINE_ARGS) + " (fewer: a quicker run)")
+    ap.add_argument("--join", default=None,
+                    help="comma-separated eval_world JSON files of one world seed (e.g. counts run in parallel "
+                         "processes, one thread each): write their joined report, table and plot without measuring")
     args = ap.parse_args()
     unknown = set(args.pipelines.split(",")) - set(PIPELINE_ARGS)
     if unknown:
         ap.error(f"--pipelines: unknown {sorted(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.join:
+        paths = args.join.split(",")
+        measured = json.loads(Path(paths[0]).read_text())["settings"]
+        for key in ("world", "seeds", "steps", "lr", "images", "strength", "lam", "preserve"):
+            setattr(args, key, measured.get(key, getattr(args, key)))  # the report says what was measured
+        write(args, *joined(paths))
+        return
     torch.set_num_threads(args.threads)
     mods = boot()
     w = mods["world"]
@@ -291,9 +304,35 @@ def main():
                 mace = next(m for name, m in models.items() if name.startswith(ee.MACE))
                 grid(mods, world, list(world.spec.ORDER[:n]), models[ee.ORIGINAL], mace,
                      Path(str(GRID).format(args.suffix)))
+    write(args, world_seeds, counts, per_world, stage_times)
+
+
+def joined(paths) -> tuple[list, list, dict, dict]:
+    """(world seeds, counts, per-world results, stage seconds) of several runs' JSON files of one world seed (e.g.
+    counts measured in parallel processes), as one run's."""
+    per_world, stage_times, seeds = {}, {}, set()
+    for path in paths:
+        got = json.loads(Path(path).read_text())
+        if "mean" in got["results"]:
+            raise SystemExit(f"--join: {path} holds several worlds; join runs of one world seed")
+        ws = got["settings"]["world_seed"]
+        seeds.add(ws)
+        per_world.setdefault(ws, {}).update({int(n): r for n, r in got["results"].items()})
+        for n, t in got["seconds"][str(ws)].items():
+            stage_times.setdefault(ws, {})[int(n)] = t
+    if len(seeds) != 1:
+        raise SystemExit(f"--join: the files measure world seeds {sorted(seeds)}; join runs of one world seed")
+    ws = seeds.pop()
+    per_world[ws] = dict(sorted(per_world[ws].items()))
+    stage_times[ws] = dict(sorted(stage_times[ws].items()))
+    return [ws], list(per_world[ws]), per_world, stage_times
+
+
+def write(args, world_seeds, counts, per_world, stage_times):
+    """bench/out/eval_world<suffix>.md and .json, the mass world's plot, and the table on stdout."""
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k != "threads"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "join")}
     if len(world_seeds) == 1:
         results = per_world[world_seeds[0]]
         report = (f"{table(results)}\n\nSeconds per stage:\n\n{time_table(stage_times[world_seeds[0]])}\n\n"
@@ -311,7 +350,9 @@ def main():
     if args.world == "mass" and len(counts) > 1:
         plot(results, PLOT if not args.suffix or args.suffix == "_mass" else PLOT.with_stem(PLOT.stem + args.suffix),
              f"mass world (126 concepts), world seed {world_seeds[0] if len(world_seeds) == 1 else world_seeds}, "
-             f"{args.seeds} sampling seeds, lr {args.lr:g}, {args.steps} steps")
+             f"{args.seeds} sampling seeds, " + ("the nodes' defaults (per type, the paper's)"
+                                                 if (args.lr, args.steps) == (1e-4, 50) else
+                                                 f"lr {args.lr:g}, {args.steps} steps"))
     (out / f"eval_world{args.suffix}.md").write_text(f"{report}\nSettings: {settings}\n")
     print(table(results, spread=len(world_seeds) > 1))  # the bench's report
 
