@@ -28,6 +28,7 @@ def generic(kind: str, sp=STANDARD) -> int:
     return len(sp.CONCEPTS) + _GENERIC_KINDS.index(kind)
 
 _SKIN = (0.93, 0.75, 0.60)
+TWO_TONE = "two-tone"  # an object's or a person's drawing of two colours (the mass world's)
 _OBJECT_SHAPES = ("disc", "square", "triangle", "cross", "dome", "diamond", "ring", "barrel")
 
 
@@ -130,6 +131,42 @@ def _person(g, img, x, y, cut, hair, clothes):
     return img, torch.maximum(head, body)
 
 
+def _two_tone_object(g, img, x, y, colors):
+    """The mass world's objects: a wide rounded block, its left half one colour and its right half another. Two large
+    areas of colour are what the world's 8x8 latents carry; its first mass world told objects apart by silhouette and
+    the model drew the right one 36 % of the time (docs/mass_world.md)."""
+    size = img.shape[-1]
+    r = _u(g, 12.0, 16.0) * size / 64
+    hx, hy = 1.3 * r, 0.8 * r
+    cx, cy = _u(g, hx + 2, size - hx - 2), _u(g, hy + 2, size - hy - 2)
+    a = _cover(_box(x, y, cx, cy, hx, hy, 3.0))
+    img = _paint(img, a, colors[0])
+    img = _paint(img, a * _cover(cx - x), colors[1])
+    return img, a
+
+
+def _two_tone_person(g, img, x, y, colors):
+    """The mass world's people: a head over a straight body whose upper half (the coat) is one colour and lower half
+    (the trousers) another, for the same reason as _two_tone_object (hair and cut were too small to draw)."""
+    size = img.shape[-1]
+    h = _u(g, 36.0, 46.0) * size / 64
+    half = 0.34 * h
+    cx = _u(g, half + 2, size - half - 2)
+    top = _u(g, 2, size - h - 2)
+    rh = 0.14 * h
+    hcy = top + rh
+    head = _cover(torch.hypot(x - cx, y - hcy) - rh)
+    cap = head * _cover(y - (hcy - 0.2 * rh))
+    b0, b1 = top + 2 * rh + 1, top + h
+    body = _cover(_box(x, y, cx, (b0 + b1) / 2, 0.3 * h, (b1 - b0) / 2, 1.5))
+    mid = (b0 + b1) / 2
+    img = _paint(img, head, _SKIN)
+    img = _paint(img, cap, (0.10, 0.07, 0.05))
+    img = _paint(img, body, colors[0])
+    img = _paint(img, body * _cover(mid - y), colors[1])
+    return img, torch.maximum(head, body)
+
+
 def _style(g, x, y, kind, colors):
     size = x.shape[-1]
     base = torch.as_tensor(colors[0]).view(3, 1, 1).expand(3, size, size).clone()
@@ -177,7 +214,11 @@ def render_one(target, g, size=64, sp=STANDARD):
     n = len(sp.CONCEPTS)
     if target < n:
         c = sp.CONCEPTS[target]
-        if c.concept_type == "object":
+        if c.shape == TWO_TONE and c.concept_type == "object":
+            img, m = _two_tone_object(g, _background(g, x), x, y, c.colors)
+        elif c.shape == TWO_TONE:
+            img, m = _two_tone_person(g, _background(g, x), x, y, c.colors)
+        elif c.concept_type == "object":
             img, m = _object(g, _background(g, x), x, y, c.shape, c.colors)
         elif c.concept_type == "person":
             img, m = _person(g, _background(g, x), x, y, c.shape, c.colors[0], c.colors[1])

@@ -162,6 +162,8 @@ def load(path, seed=0, preset="full", current_only=False):
         trained = meta.get("training", train.OPTIONS_OFF)
         if trained != train.training_options():
             raise ValueError(f"{path}: trained with options {trained}, not today's {train.training_options()}")
+        if meta.get("spec") != spec.named(meta.get("world", "standard")).as_dict():
+            raise ValueError(f"{path}: trained on other concepts than today's {meta.get('world', 'standard')} world")
     return _assemble(groups, meta, meta.get("seed", seed), meta.get("preset", preset), path)
 
 
