@@ -216,7 +216,7 @@ def test_labels_and_seed_controls_as_the_user_sees_them(page):
     (target,) = [w for w in by_type["MACEFuseLoRAs"][0]["widgets"] if w["name"] == "keep_target"]
     assert target["label"] == "preservation_target"
     world = [w["name"] for w in by_type["MACEConceptWorld"][0]["widgets"]]
-    assert world == ["seed", "family"], world  # no control_after_generate widget after the seed
+    assert world == ["seed", "family", "concepts"], world  # no control_after_generate widget after the seed
     for kind in ("MACETrainConceptLoRA", "KSampler"):
         for n in by_type[kind]:
             control = [w["value"] for w in n["widgets"] if w["name"] == "control_after_generate"]
