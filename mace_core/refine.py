@@ -54,16 +54,33 @@ def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progr
 def preserve_moment(preserved, concept_types, enc: TextEncoder) -> torch.Tensor | None:
     """Mean second moment over every token of the templated prompts of the concepts to preserve, in the
     templates of every type in `concept_types` (the types being changed: where the edit acts) and, for a typed one
-    (Preserved(name, concept_type)), also in its own type's."""
+    (Preserved(name, concept_type)), also in its own type's.
+
+    Refine and Fuse both ask for it, with the same list, and encoding it is most of their time with a long preserve
+    list (116 preserved concepts: 11k prompts, 4 s of refine's 4.2 on the mass world). An encoder with a `memo` dict
+    (TextEncoder.memo) keeps the result, so the second stage reuses the first's."""
     if not preserved:
         return None
+    items = [(k, None) if isinstance(k, str) else tuple(k) for k in preserved]
+    key = ("preserve_moment", tuple(items), tuple(concept_types))
+    memo = getattr(enc, "memo", None)
+    if memo is not None and key in memo:
+        return memo[key].clone()
     m = Moments(enc.dim)
-    for k in preserved:
-        name, concept_type = (k, None) if isinstance(k, str) else k
+    for name, concept_type in items:
         for ctype in dict.fromkeys(list(concept_types) + ([concept_type] if concept_type else [])):
             _, feats = enc.encode([t.format(name) for t in TEMPLATES[ctype]])
             m.add(feats)
-    return m.mean_gram()
+    out = m.mean_gram()
+    if memo is not None:
+        while len(memo) >= MEMO_ENTRIES:  # oldest first: a dict keeps insertion order
+            memo.pop(next(iter(memo)))
+        memo[key] = out.clone()
+    return out
+
+
+# d x d matrices an encoder's memo keeps (2.4 MB each at SD1.5's 768, 8.4 MB at SDXL's 1280 + 768)
+MEMO_ENTRIES = 4
 
 
 def refine(

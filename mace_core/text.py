@@ -16,6 +16,9 @@ class TextEncoder(Protocol):
     end_id: int  # token id that ends a prompt (and pads it, for CLIP-L)
     context_length: int  # positions per prompt, start and end tokens included
     dim: int  # width of each token feature
+    # optional: a dict in which mace_core keeps results that depend only on this encoder and their arguments (e.g.
+    # refine.preserve_moment), so Refine and Fuse on one CLIP encode a long preserve list once; absent: nothing kept
+    memo: dict
 
     def token_count(self, text: str) -> int:
         """Content tokens of `text`, start/end tokens excluded, without truncation."""

@@ -283,6 +283,9 @@ class ClipEncoder:
     def __init__(self, clip, batch: int = 32):
         self._clip = weakref.ref(clip)  # the per-CLIP cache below must not keep ComfyUI's CLIP alive
         self.batch = batch
+        # mace_core's results for this CLIP (TextEncoder.memo). Sound because a CLIP object's weights never change:
+        # ComfyUI's nodes clone a CLIP before patching it, and a clone gets its own encoder (clip_encoder)
+        self.memo = {}
         probe = clip.tokenize("a", disable_weights=True, return_word_ids=True)
         self._key = next(iter(probe))
         window = probe[self._key][0]

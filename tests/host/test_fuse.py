@@ -282,3 +282,31 @@ def test_unedited_model_and_bad_prefix_are_refused(pack, tiny, loras_dir):
         pack[ERASURE].execute(model, "x", "full", 8)
     with pytest.raises(ValueError, match="outside models/loras"):
         pack[ERASURE].execute(model, "../../escape", "full", 8)
+
+
+def test_refine_and_fuse_encode_a_preserve_list_once(pack, pack_module, tiny, monkeypatch):
+    """Encoding the concepts to preserve is most of Refine's and Fuse's time with a long list (mass erasure); Fuse,
+    given the list Refine had on the same CLIP, reuses its moment (TextEncoder.memo) and fuses to the same weights,
+    bit for bit, as when it encodes the list itself."""
+    host = mod(pack_module, "nodes.host")
+    model, clip = tiny
+    preserve = "\n".join(PRESERVE + ["Julia Roberts", "Denzel Washington"])
+    enc = host.clip_encoder(clip)
+    enc.memo.clear()
+    encoded = []
+    real = enc.encode
+    monkeypatch.setattr(enc, "encode", lambda prompts: encoded.extend(prompts) or real(prompts))
+    with torch.inference_mode():
+        refined = pack[REFINE].execute(model, clip, "\n".join(NAMES[:2]), "celebrity", "", preserve, 1.0,
+                                       0.01).result[0]
+        bundle = random_bundle(pack_module, refined, NAMES[:2], base=host.model_fingerprint(model))
+        in_refine = set(encoded)
+        encoded.clear()
+        reused = snapshot(fuse(pack, refined, clip, bundle, preserve))
+        assert not any("Julia Roberts" in p for p in encoded), "Fuse encoded the preserve list again"
+        assert any("Julia Roberts" in p for p in in_refine)
+        enc.memo.clear()
+        encoded.clear()
+        own = snapshot(fuse(pack, refined, clip, bundle, preserve))
+        assert any("Julia Roberts" in p for p in encoded)
+    assert reused.keys() == own.keys() and all(torch.equal(reused[k], own[k]) for k in own)
