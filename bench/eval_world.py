@@ -22,6 +22,7 @@ Beside the table it lists the concepts behind each number: erased ones still dra
     python bench/eval_world.py --world mass --counts 10,100 --threads 1 --no-grid --suffix _mass_a &   # the same
     python bench/eval_world.py --world mass --counts 25,50 --threads 1 --no-grid --suffix _mass_b; wait   # on 2 cores
     python bench/eval_world.py --join bench/out/eval_world_mass_a.json,bench/out/eval_world_mass_b.json --suffix _mass
+    python bench/eval_world.py --world mass --pipelines refine,mace --timing-only --suffix _mass_time  # stages' time
 """
 
 import argparse
@@ -75,7 +76,7 @@ def run(mods, world, n, args):
         times.update({k + tag_of(edit_pooled, pooled): v for k, v in stages.items()})
         tag = tag_of(edit_pooled, pooled)
         with torch.inference_mode():
-            for p, m in got.items():
+            for p, m in got.items() if not args.timing_only else ():
                 name = p if p in (ee.ORIGINAL, ee.NO_REFINE, ee.UCE) else p + tag  # UCE never edits pooled
                 out[name] = ee.scores(world, m, erased, range(args.seeds), detail=True)
                 models[name] = m
@@ -260,6 +261,8 @@ def main():
                     help="Refine's edit_pooled (SDXL's pooled-vector road): the node's default, off, on, or both")
     ap.add_argument("--pipelines", default=",".join(PIPELINE_ARGS),
                     help="comma-separated subset of " + ", ".join(PIPELINE_ARGS) + " (fewer: a quicker run)")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="erase and time each stage, score nothing (minutes instead of hours on the mass world)")
     ap.add_argument("--join", default=None,
                     help="comma-separated eval_world JSON files of one world seed (e.g. counts run in parallel "
                          "processes, one thread each): write their joined report, table and plot without measuring")
@@ -271,7 +274,7 @@ def main():
     if args.join:
         paths = args.join.split(",")
         measured = json.loads(Path(paths[0]).read_text())["settings"]
-        for key in ("world", "seeds", "steps", "lr", "images", "strength", "lam", "preserve"):
+        for key in ("world", "seeds", "steps", "lr", "images", "strength", "lam", "preserve", "timing_only"):
             setattr(args, key, measured.get(key, getattr(args, key)))  # the report says what was measured
         write(args, *joined(paths))
         return
@@ -347,14 +350,17 @@ def write(args, world_seeds, counts, per_world, stage_times):
         stored = {"mean": results, "worlds": per_world}
     (out / f"eval_world{args.suffix}.json").write_text(
         json.dumps({"settings": settings, "results": stored, "seconds": stage_times}, indent=1))
-    if args.world == "mass" and len(counts) > 1:
+    if args.world == "mass" and len(counts) > 1 and not args.timing_only:
         plot(results, PLOT if not args.suffix or args.suffix == "_mass" else PLOT.with_stem(PLOT.stem + args.suffix),
              f"mass world (126 concepts), world seed {world_seeds[0] if len(world_seeds) == 1 else world_seeds}, "
              f"{args.seeds} sampling seeds, " + ("the nodes' defaults (per type, the paper's)"
                                                  if (args.lr, args.steps) == (1e-4, 50) else
                                                  f"lr {args.lr:g}, {args.steps} steps"))
     (out / f"eval_world{args.suffix}.md").write_text(f"{report}\nSettings: {settings}\n")
-    print(table(results, spread=len(world_seeds) > 1))  # the bench's report
+    if args.timing_only:
+        print(time_table(stage_times[world_seeds[0]]))
+    else:
+        print(table(results, spread=len(world_seeds) > 1))  # the bench's report
 
 
 if __name__ == "__main__":
