@@ -180,7 +180,7 @@ def plot(results: dict, path: Path, title: str):
     counts = sorted(results)
     names = [p for p in next(iter(results.values())) if p != "original"]
     colors = [(214, 39, 40), (31, 119, 180), (44, 160, 44), (255, 127, 14), (148, 103, 189), (120, 120, 120)]
-    w, h, left, right, top, bottom = 760, 430, 60, 250, 40, 50
+    w, h, left, right, top, bottom = 800, 430, 60, 290, 40, 50
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -208,7 +208,10 @@ def plot(results: dict, path: Path, title: str):
         for x, y in pts:
             d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
         d.line([(left + pw + 16, top + 10 + 22 * j), (left + pw + 40, top + 10 + 22 * j)], fill=color, width=3)
-        d.text((left + pw + 46, top + 4 + 22 * j), name[:32], fill="black", font=font)
+        # the value at the largest count beside the name: lines that coincide still read apart
+        last = results[counts[-1]].get(name, {}).get("H")
+        d.text((left + pw + 46, top + 4 + 22 * j), name[:32] + ("" if last is None else f"  {last:.2f}"),
+               fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, optimize=True)
     log.info("wrote %s", path)
@@ -225,6 +228,38 @@ def miss_list(results) -> str:
             parts = [f"{MISS_LABELS[k]}: " + ", ".join(f"{c} {v}" for c, v in per.items())
                      for k, per in m.get("misses", {}).items() if per]
             rows.append(f"- {n} erased, {name}: " + ("; ".join(parts) if parts else "nothing missed"))
+    return "\n".join(rows)
+
+
+def type_table(results, sp) -> str:
+    """Acc_e, Acc_g and Acc_s per concept type, from the per-concept misses: which kind of concept a number is lost
+    on (on the mass world a miss list runs to hundreds of names)."""
+    def cases(entry):
+        return tuple(int(x) for x in entry.split()[0].split("/"))
+
+    types = {c.name: c.concept_type for c in sp.CONCEPTS}
+    rows = ["| erased | pipeline | " + " | ".join(f"{t}: e / g / s" for t in sp.CONCEPT_TYPES) + " |",
+            "|---:|---|" + "---:|" * len(sp.CONCEPT_TYPES)]
+    for n, res in results.items():
+        erased = set(sp.ORDER[:n])
+        for name, m in res.items():
+            miss = m.get("misses")
+            if miss is None:
+                continue
+            per_case = next((cases(e)[1] for per in miss.values() for e in per.values()), 1)
+            cells = []
+            for t in sp.CONCEPT_TYPES:
+                got = []
+                for key in ("acc_e", "acc_g", "acc_s"):
+                    names = [c for c, ct in types.items() if ct == t and ((c in erased) != (key == "acc_s"))]
+                    if not names:
+                        got.append("-")
+                        continue
+                    wrong = sum(cases(miss[key][c])[0] for c in names if c in miss[key])
+                    share = wrong / (per_case * len(names))
+                    got.append(f"{share if key != 'acc_s' else 1 - share:.2f}")
+                cells.append(" / ".join(got))
+            rows.append(f"| {n} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -276,7 +311,8 @@ def main():
         measured = json.loads(Path(paths[0]).read_text())["settings"]
         for key in ("world", "seeds", "steps", "lr", "images", "strength", "lam", "preserve", "timing_only"):
             setattr(args, key, measured.get(key, getattr(args, key)))  # the report says what was measured
-        write(args, *joined(paths))
+        mods = boot()  # the world's spec names each concept's type for the per-type table
+        write(args, mods["spec"].named(args.world), *joined(paths))
         return
     torch.set_num_threads(args.threads)
     mods = boot()
@@ -307,7 +343,7 @@ def main():
                 mace = next(m for name, m in models.items() if name.startswith(ee.MACE))
                 grid(mods, world, list(world.spec.ORDER[:n]), models[ee.ORIGINAL], mace,
                      Path(str(GRID).format(args.suffix)))
-    write(args, world_seeds, counts, per_world, stage_times)
+    write(args, world.spec, world_seeds, counts, per_world, stage_times)
 
 
 def joined(paths) -> tuple[list, list, dict, dict]:
@@ -331,14 +367,17 @@ def joined(paths) -> tuple[list, list, dict, dict]:
     return [ws], list(per_world[ws]), per_world, stage_times
 
 
-def write(args, world_seeds, counts, per_world, stage_times):
-    """bench/out/eval_world<suffix>.md and .json, the mass world's plot, and the table on stdout."""
+def write(args, spec, world_seeds, counts, per_world, stage_times):
+    """bench/out/eval_world<suffix>.md and .json, the mass world's plot, and the table on stdout. The plot goes to
+    docs/ only for a whole run (no suffix, or "_mass"); a part of one (a suffix of a run to --join) keeps it in
+    bench/out."""
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("threads", "join")}
     if len(world_seeds) == 1:
         results = per_world[world_seeds[0]]
         report = (f"{table(results)}\n\nSeconds per stage:\n\n{time_table(stage_times[world_seeds[0]])}\n\n"
+                  f"Per concept type (Acc_e / Acc_g / Acc_s):\n\n{type_table(results, spec)}\n\n"
                   f"Per concept (cases out of seeds):\n\n{miss_list(results)}\n")
         stored = results
     else:
@@ -351,7 +390,7 @@ def write(args, world_seeds, counts, per_world, stage_times):
     (out / f"eval_world{args.suffix}.json").write_text(
         json.dumps({"settings": settings, "results": stored, "seconds": stage_times}, indent=1))
     if args.world == "mass" and len(counts) > 1 and not args.timing_only:
-        plot(results, PLOT if not args.suffix or args.suffix == "_mass" else PLOT.with_stem(PLOT.stem + args.suffix),
+        plot(results, PLOT if args.suffix in ("", "_mass") else out / f"{PLOT.stem}{args.suffix}.png",
              f"mass world (126 concepts), world seed {world_seeds[0] if len(world_seeds) == 1 else world_seeds}, "
              f"{args.seeds} sampling seeds, " + ("the nodes' defaults (per type, the paper's)"
                                                  if (args.lr, args.steps) == (1e-4, 50) else
