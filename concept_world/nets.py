@@ -37,14 +37,19 @@ _ZERO_SUFFIXES = ("out_layers.3.weight", "proj_out.weight", "out.2.weight", "att
                   "attn2.to_out.0.weight", "ff.net.2.weight")
 
 
-def init_unet_(unet, g):
+def init_unet_(unet, g, key_value_std: float | None = None):
+    """Weights normal with std 1/sqrt(fan-in); key_value_std, when given, is the cross-attention key and value
+    projections' std instead (train.KEY_VALUE_STD says why). The draws are the same either way, only scaled."""
     with torch.no_grad():
         for name, p in sorted(unet.named_parameters(), key=lambda kv: kv[0]):
             if p.ndim >= 2:
                 if name.endswith(_ZERO_SUFFIXES):
                     p.zero_()
                 else:
-                    p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+                    std = 1 / p[0].numel() ** 0.5
+                    if key_value_std and name.endswith(("attn2.to_k.weight", "attn2.to_v.weight")):
+                        std = key_value_std
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
             elif name.endswith("weight"):
                 p.fill_(1.0)
             else:

@@ -70,6 +70,13 @@ OBJECT_SHARE = 0.4
 CONTEXT_LENGTH = 77
 # True starts the SD1.5 world's text features at CLIP-L's norm (nets.CONTEXT_NORM_WIDTH); off in the shipped worlds
 CONTEXT_NORM = False
+# Adam moves each weight entry by about its learning rate per step, whatever the entry's size, so how far a LoRA step
+# moves a key relative to the key is lr / (the key projection's entry size), independent of width and token norm.
+# SD1.5's to_k/to_v read 768-wide CLIP features and start (PyTorch's Linear default) at std 1/sqrt(3 x 768) = 0.021;
+# the 64-wide world's start at 1/sqrt(64) = 0.125, six times larger, and never learn away from it (1300 steps at lr
+# 1e-3: docs/world_attention.md). A number here starts the world's cross-attention key and value projections at that
+# std instead (trial; None: the fan-in start of the shipped worlds).
+KEY_VALUE_STD = None
 
 
 def training_options() -> dict:
@@ -77,8 +84,11 @@ def training_options() -> dict:
     options is stale even under the same version, so load_or_train retrains it rather than testing the wrong world.
     Files written before these options existed carry none and were trained with the trial options off and with as
     many threads as the machine's load left idle (so their worlds differed with the load: they are retrained)."""
-    return {"attention_prior": ATTENTION_PRIOR_WEIGHT, "object_share": OBJECT_SHARE if ATTENTION_PRIOR_WEIGHT else 0.0,
-            "context_norm": bool(CONTEXT_NORM), "threads": TRAINING_THREADS}
+    out = {"attention_prior": ATTENTION_PRIOR_WEIGHT, "object_share": OBJECT_SHARE if ATTENTION_PRIOR_WEIGHT else 0.0,
+           "context_norm": bool(CONTEXT_NORM), "threads": TRAINING_THREADS}
+    if KEY_VALUE_STD:  # recorded only when set, so the worlds trained before it existed stay current
+        out["key_value_std"] = float(KEY_VALUE_STD)
+    return out
 
 
 OPTIONS_OFF = {"attention_prior": 0.0, "object_share": 0.0, "context_norm": False}
@@ -400,7 +410,7 @@ def _train_world(seed, preset, configs):
     t0 = time.perf_counter()
     g = _phase_gen(seed, 2)
     base = nets.new_base_model(configs[0])
-    nets.init_unet_(base.diffusion_model, g)
+    nets.init_unet_(base.diffusion_model, g, KEY_VALUE_STD)
     if nets.family_of(configs[0]) == "sdxl":
         nets.init_label_emb_(base.diffusion_model, g)
     clip = nets.new_clip(configs[1])

@@ -159,3 +159,26 @@ def test_the_world_is_the_same_whatever_threads_the_caller_runs(cw):
         torch.set_num_threads(before)
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert train.training_options()["threads"] == 1 and "threads" not in train.OPTIONS_OFF
+
+
+def test_the_key_value_start_trial_scales_only_those_weights_and_is_recorded_only_when_set(host, monkeypatch):
+    """train.KEY_VALUE_STD (world E of docs/world_attention.md): the cross-attention key and value projections start at
+    the given std from the same draws, every other weight as before; a world file names the option only when it is
+    set, so the worlds trained before it existed stay current."""
+    nets = pack_import("concept_world.nets")
+    train = pack_import("concept_world.train")
+    unet_config = nets.configs()[0]
+    models = []
+    for std in (None, 0.02):
+        base = nets.new_base_model(unet_config)
+        nets.init_unet_(base.diffusion_model, torch.Generator().manual_seed(1), std)
+        models.append(base.diffusion_model.state_dict())
+    plain, trial = models
+    kv = [k for k in plain if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+    assert kv and all(torch.equal(plain[k], trial[k]) for k in plain if k not in kv)
+    for k in kv:
+        assert torch.allclose(trial[k], plain[k] * 0.02 * plain[k].shape[1] ** 0.5)
+        assert abs(float(trial[k].std()) - 0.02) < 0.005
+    assert "key_value_std" not in train.training_options()
+    monkeypatch.setattr(train, "KEY_VALUE_STD", 0.02)
+    assert train.training_options()["key_value_std"] == 0.02
