@@ -5,7 +5,7 @@ The full mass world trains in about half an hour; CI trains only its smoke versi
 
 import pytest
 import torch
-from world_support import pack_import
+from world_support import comfy_host, pack_import
 
 mass = pack_import("concept_world.mass")
 render = pack_import("concept_world.render")
@@ -136,3 +136,30 @@ def test_a_world_file_of_other_concepts_is_not_loaded_as_today_s(cw, mass_smoke_
     with pytest.raises(ValueError, match="other concepts than today's mass world"):
         world_mod.load(path, current_only=True)
     assert world_mod.load(path).spec is MASS  # a trial file still loads when asked for by path
+
+
+def test_the_bench_reports_each_concept_type_s_share_from_the_misses():
+    """bench/eval_world.py's per-type table: which kind of concept a score is lost on. Built from a hand-made miss
+    list over the mass world's first 10 erased (3 persons, 4 objects, 3 styles in its order)."""
+    import importlib.util
+
+    path = comfy_host.PACK / "bench" / "eval_world.py"
+    loaded = importlib.util.spec_from_file_location("eval_world_bench", path)
+    bench = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(bench)
+    erased = MASS.ORDER[:10]
+    of_type = {t: [n for n in erased if MASS.CONCEPTS[MASS.concept_index(n)].concept_type == t]
+               for t in spec.CONCEPT_TYPES}
+    kept_people = [c.name for c in MASS.CONCEPTS if c.concept_type == "person" and c.name not in erased]
+    misses = {"acc_e": {of_type["style"][0]: "6/6", of_type["style"][1]: "3/6"},
+              "acc_g": {of_type["person"][0]: "2/6"},
+              "acc_s": {kept_people[0]: "6/6 as someone", kept_people[1]: "3/6 as someone"}}
+    results = {10: {"MACE": {"acc_e": 0, "acc_g": 0, "acc_s": 0, "H": 0, "misses": misses}}}
+    rows = bench.type_table(results, MASS).splitlines()
+    assert rows[0].startswith("| erased | pipeline | object: e / g / s | person: e / g / s | style: e / g / s")
+    cells = [c.strip() for c in rows[2].strip("|").split("|")]
+    n_style, n_person = len(of_type["style"]), len(of_type["person"])
+    kept = len(kept_people)
+    assert cells[2] == "0.00 / 0.00 / 1.00"  # no object missed
+    assert cells[3] == f"0.00 / {2 / (6 * n_person):.2f} / {1 - 9 / (6 * kept):.2f}"
+    assert cells[4] == f"{9 / (6 * n_style):.2f} / 0.00 / 1.00"
