@@ -108,17 +108,22 @@ def _object(g, img, x, y, shape, colors):
     return img, a
 
 
-def _person(g, img, x, y, cut, hair, clothes):
-    size = img.shape[-1]
-    h = _u(g, 30.0, 42.0) * size / 64
-    half = 0.36 * h
+def _figure(g, x, y, size, heights, half_width, head):
+    """A person's placement and head: (h, cx, head, hair cap, body top, body bottom). heights: the figure's height
+    range at 64 px; half_width and head: its half width and head radius as shares of the height."""
+    h = _u(g, *heights) * size / 64
+    half = half_width * h
     cx = _u(g, half + 2, size - half - 2)
     top = _u(g, 2, size - h - 2)
-    rh = 0.16 * h
+    rh = head * h
     hcy = top + rh
-    head = _cover(torch.hypot(x - cx, y - hcy) - rh)
-    cap = head * _cover(y - (hcy - 0.2 * rh))
-    b0, b1 = top + 2 * rh + 1, top + h
+    disc = _cover(torch.hypot(x - cx, y - hcy) - rh)
+    cap = disc * _cover(y - (hcy - 0.2 * rh))
+    return h, cx, disc, cap, top + 2 * rh + 1, top + h
+
+
+def _person(g, img, x, y, cut, hair, clothes):
+    h, cx, head, cap, b0, b1 = _figure(g, x, y, img.shape[-1], (30.0, 42.0), 0.36, 0.16)
     if cut == "dress":  # widening to the hem
         t = ((y - b0) / (b1 - b0)).clamp(0, 1)
         hw = 0.17 * h + 0.19 * h * t
@@ -148,16 +153,7 @@ def _two_tone_object(g, img, x, y, colors):
 def _two_tone_person(g, img, x, y, colors):
     """The mass world's people: a head over a straight body whose upper half (the coat) is one colour and lower half
     (the trousers) another, for the same reason as _two_tone_object (hair and cut were too small to draw)."""
-    size = img.shape[-1]
-    h = _u(g, 36.0, 46.0) * size / 64
-    half = 0.34 * h
-    cx = _u(g, half + 2, size - half - 2)
-    top = _u(g, 2, size - h - 2)
-    rh = 0.14 * h
-    hcy = top + rh
-    head = _cover(torch.hypot(x - cx, y - hcy) - rh)
-    cap = head * _cover(y - (hcy - 0.2 * rh))
-    b0, b1 = top + 2 * rh + 1, top + h
+    h, cx, head, cap, b0, b1 = _figure(g, x, y, img.shape[-1], (36.0, 46.0), 0.34, 0.14)
     body = _cover(_box(x, y, cx, (b0 + b1) / 2, 0.3 * h, (b1 - b0) / 2, 1.5))
     mid = (b0 + b1) / 2
     img = _paint(img, head, _SKIN)
