@@ -179,7 +179,7 @@ def fuse(
     if prior is not None and prior_weight > 0:
         p = prior_weight * count * to_acc(prior, device)
     concept_types = [lora.concept_type for lora in loras]
-    held = preserve_moment(list(preserve), concept_types, enc) if preserve and preserve_weight > 0 else None
+    held = preserve_moment(list(preserve), concept_types, enc, progress) if preserve and preserve_weight > 0 else None
     if held is not None:
         kp = preserve_weight * count * to_acc(held, device)
         p = kp if p is None else p + kp

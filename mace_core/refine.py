@@ -51,26 +51,34 @@ def _add_concept(m: Moments, c: Concept, ids_new, e_new, enc: TextEncoder, progr
         progress()
 
 
-def preserve_moment(preserved, concept_types, enc: TextEncoder) -> torch.Tensor | None:
+def preserve_moment(preserved, concept_types, enc: TextEncoder,
+                    progress: Callable[[], None] | None = None) -> torch.Tensor | None:
     """Mean second moment over every token of the templated prompts of the concepts to preserve, in the
     templates of every type in `concept_types` (the types being changed: where the edit acts) and, for a typed one
     (Preserved(name, concept_type)), also in its own type's.
 
     Refine and Fuse both ask for it, with the same list, and encoding it is most of their time with a long preserve
     list (116 preserved concepts: 11k prompts, 4 s of refine's 4.2 on the mass world). An encoder with a `memo` dict
-    (TextEncoder.memo) keeps the result, so the second stage reuses the first's."""
+    (TextEncoder.memo) keeps the result, so the second stage reuses the first's.
+
+    progress, when given, is called once per preserved concept (all at once when the memo has the result): with a long
+    list this is most of the stage, so the bar moves and a cancel is seen while it runs."""
     if not preserved:
         return None
     items = [(k, None) if isinstance(k, str) else tuple(k) for k in preserved]
     key = ("preserve_moment", tuple(items), tuple(concept_types))
     memo = getattr(enc, "memo", None)
     if memo is not None and key in memo:
+        for _ in items if progress else ():
+            progress()
         return memo[key].clone()
     m = Moments(enc.dim)
     for name, concept_type in items:
         for ctype in dict.fromkeys(list(concept_types) + ([concept_type] if concept_type else [])):
             _, feats = enc.encode([t.format(name) for t in TEMPLATES[ctype]])
             m.add(feats)
+        if progress:
+            progress()
     out = m.mean_gram()
     if memo is not None:
         while len(memo) >= MEMO_ENTRIES:  # oldest first: a dict keeps insertion order
@@ -120,7 +128,7 @@ def refinement_transform(
     """
     check_concepts(concepts, enc)
     edit = edit_moments(concepts, enc, progress)
-    held = preserve_moment(list(preserve), [c.concept_type for c in concepts], enc)
+    held = preserve_moment(list(preserve), [c.concept_type for c in concepts], enc, progress)
     total = None
     if prior is not None and prior_weight > 0:
         total = prior_weight * prior.to(torch.float64)

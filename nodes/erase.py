@@ -126,11 +126,14 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
     items = list(cl.concepts)
     t0 = time.perf_counter()
     n = len(items)
+    # each stage's share of the bar: its own units (refine and fuse count each preserved concept they encode)
+    kept = len(cl.preserve)
     if mode == QUICK:
-        units = [n + 1]
+        units = [n + 1 + kept]
     else:
         per = [concept_settings(c.concept_type, PER_TYPE) for c in items]
-        units = [n + 1, sum(p.steps + attention.GEN_STEPS + 1 for p in per), n + 2]
+        units = [n + 1 + kept, sum(p.steps + attention.GEN_STEPS + 1 for p in per),
+                 n + 2 + (kept if preservation_strength > 0 else 0)]
     with StageProgress(units) as bar:
         bar.next()
         refined = refine.refine_model(model, clip, "", cl.concept_type, "", "", preservation_strength, lambda_,

@@ -86,7 +86,8 @@ def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lamb
     if loras:
         check_base(model, getattr(bundle, "base", ""), "this LoRA bundle", "loras")
     enc = host.clip_encoder(clip)
-    progress = host.Progress(len(loras) + 2)
+    # the prior, each LoRA, each preserved concept (encoded only where it weighs), the solve
+    progress = host.Progress(len(loras) + 2 + (len(preserved) if preservation_strength > 0 else 0))
     t0 = time.perf_counter()
     prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()

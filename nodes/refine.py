@@ -78,7 +78,7 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     items, preserved = list(cl.concepts), list(cl.preserve)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
-    progress = host.Progress(len(items) + 1)
+    progress = host.Progress(len(items) + 1 + len(preserved))  # the prior, each concept, each preserved one
     t0 = time.perf_counter()
     prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()

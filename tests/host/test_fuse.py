@@ -310,3 +310,44 @@ def test_refine_and_fuse_encode_a_preserve_list_once(pack, pack_module, tiny, mo
         own = snapshot(fuse(pack, refined, clip, bundle, preserve))
         assert any("Julia Roberts" in p for p in encoded)
     assert reused.keys() == own.keys() and all(torch.equal(reused[k], own[k]) for k in own)
+
+
+def test_a_long_preserve_list_moves_the_bar_and_a_cancel_inside_it_stops_refine(pack, pack_module, tiny, monkeypatch):
+    """Encoding the concepts to preserve is most of Refine with a long list: the bar counts each preserved concept and
+    ends full; a cancel pressed while they are encoded stops the node there (not after), with the model unchanged."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    host = mod(pack_module, "nodes.host")
+    model, clip = tiny
+    preserve = PRESERVE + ["Julia Roberts", "Denzel Washington", "Cate Blanchett", "Keanu Reeves"]
+    shown = []
+    real_bar = comfy.utils.ProgressBar
+
+    class Bar(real_bar):
+        def update_absolute(self, value, total=None, preview=None):
+            shown.append((value, self.total))
+            super().update_absolute(value, total, preview)
+
+    monkeypatch.setattr(comfy.utils, "ProgressBar", Bar)
+    enc = host.clip_encoder(clip)
+    with torch.inference_mode():
+        enc.memo.clear()
+        pack[REFINE].execute(model, clip, "\n".join(NAMES[:2]), "celebrity", "", "\n".join(preserve), 1.0, 0.01)
+        assert shown[-1] == (1 + 2 + len(preserve),) * 2, shown
+        enc.memo.clear()
+        before, n_patches = snapshot(model), len(model.patches)
+        encoded = []
+        real = enc.encode
+        monkeypatch.setattr(enc, "encode", lambda prompts: encoded.extend(prompts) or real(prompts))
+        calls = comfy_host.interrupt_at_check(monkeypatch, 1 + 2 + 2)  # the prior, 2 concepts, 2 preserved
+        try:
+            with pytest.raises(mm.InterruptProcessingException):
+                pack[REFINE].execute(model, clip, "\n".join(NAMES[:2]), "celebrity", "", "\n".join(preserve), 1.0,
+                                     0.01)
+        finally:
+            mm.interrupt_current_processing(False)
+    assert len(calls) == 5
+    assert not any(preserve[-1] in p for p in encoded), "the cancel was only seen after the whole list"
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before) and len(model.patches) == n_patches
