@@ -31,7 +31,9 @@ def prior_for(clip, enc, progress=None, corpus=()):
     if corpus:
         log.info("MACE: preservation prior over %d built-in prompts and %d corpus captions", len(generic_prompts()),
                  len(corpus))
-    return host.cached_tensor(name, lambda: prior_moment(enc, prompts, progress=progress))
+    # a corpus can hold 100k captions (minutes to encode): without a bar of its own, each batch still checks for
+    # cancel, and a cancelled prior is never cached
+    return host.cached_tensor(name, lambda: prior_moment(enc, prompts, progress=progress or host.check_cancel))
 
 
 class MACERefineCrossAttention(io.ComfyNode):

@@ -400,3 +400,31 @@ def test_thousands_of_captions_are_read_and_an_oversized_file_is_refused(pack, m
     with pytest.raises(mods.errors.MaceInputError) as e:
         make(pack, "Claude Monet", corpus_file="huge.txt")
     assert e.value.input_name == "corpus_file" and "MiB" in str(e.value)
+
+
+def test_a_cancel_while_a_corpus_is_encoded_stops_refine_and_caches_nothing(pack, mods, tiny, input_dir, fresh_cache,
+                                                                             monkeypatch, tmp_path):
+    """A caption corpus (up to 100k lines) is encoded in batches of 64 on the first use; a cancel pressed meanwhile
+    stops at the next batch, leaves the model as it was and writes no statistics, so the next run computes them."""
+    import comfy.model_management as mm
+    import comfy_host
+
+    model, clip = tiny
+    (input_dir / "many.txt").write_text("\n".join(f"a photo of thing number {i} on a table" for i in range(300)))
+    cl = make(pack, "Claude Monet", preserve="", corpus_file="many.txt")
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    encoded = []
+    enc = mods.host.clip_encoder(clip)
+    real = enc.encode
+    monkeypatch.setattr(enc, "encode", lambda prompts: encoded.append(len(prompts)) or real(prompts))
+    calls = comfy_host.interrupt_at_check(monkeypatch, 2)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            refine(pack, model, clip, concept_list=cl)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(calls) == 2 and encoded.count(64) == 2, "stopped at the second of the corpus's 8 batches, not after all"
+    folder = tmp_path / "cache"
+    assert not list(folder.iterdir()), "a cancelled prior is not cached"
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not model.patches
