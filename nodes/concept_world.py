@@ -24,8 +24,8 @@ class MACEConceptWorld(io.ComfyNode):
                 "such as 'dotwork style'), 64x64 pixels. Erase a concept and see it go. The first run for a seed "
                 "trains the world on the CPU (several minutes) and saves it under models/mace_world; later runs "
                 "load it. family SDXL gives the same world in SDXL's architecture (two text encoders, a pooled "
-                "text vector and size conditioning). concepts 'mass' loads a world of 126 concepts (48 objects, 48 "
-                "people, 30 styles) for erasing tens of them at once; it trains for about half an hour the first time."
+                "text vector and size conditioning). concepts 'mass' loads a world of 126 concepts (45 objects, 45 "
+                "people, 36 styles) for erasing tens of them at once; it trains for about half an hour the first time."
             ),
             inputs=[
                 # The frontend gives every INT named 'seed' a 'randomize after generate' control unless told not
@@ -39,7 +39,7 @@ class MACEConceptWorld(io.ComfyNode):
                                        "as in SDXL. Each is trained once (minutes) and saved on its own."),
                 io.Combo.Input("concepts", options=list(WORLDS), default="20 concepts", optional=True,
                                tooltip="Which world: the standard one of 20 concepts, or the mass world of 126 "
-                                       "(names such as 'Thonton Gagube' or 'resba style'; the list is in "
+                                       "(names such as 'Thafan Rirkrudes' or 'nasster style'; the list is in "
                                        "concept_world/mass.py), where tens of concepts can be erased at once. The "
                                        "mass world trains once (about 30 minutes on a CPU) and is saved on its own."),
             ],
