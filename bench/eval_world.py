@@ -246,6 +246,8 @@ def type_table(results, sp) -> str:
             miss = m.get("misses")
             if miss is None:
                 continue
+            # every concept is scored on the same number of cases (seeds x prompts); with no miss at all the
+            # shares are 0 whatever it is
             per_case = next((cases(e)[1] for per in miss.values() for e in per.values()), 1)
             cells = []
             for t in sp.CONCEPT_TYPES:

@@ -34,18 +34,15 @@ log = logging.getLogger("world_attention")
 TIMESTEPS = (300, 500, 700)
 
 
-def factor_stats(model, clip, lora, text, end_id, words) -> dict:
+def factor_stats(model, enc, lora, text, words) -> dict:
     """What one concept's LoRA did to the keys, per to_k matrix: how far its up factor went of the most its steps allow
     (Adam moves an entry by about lr a step), its change as a share of |W|, and the share by which it moved the keys of
     one prompt's tokens (start, the concept's words, the end token, the padding). A step can change a good share of
     |W| and still move the keys little: the random down factor reads every feature direction alike, the trained key
     projection the few the features use."""
-    import importlib
-
-    host = importlib.import_module(str(ROOT).replace(".", "_x_") + ".nodes.host")
-    ids, feats = host.clip_encoder(clip).encode([text])
+    ids, feats = enc.encode([text])
     x, ids = feats[0].double(), ids[0]
-    end = ids.index(end_id)
+    end = ids.index(enc.end_id)
     words = [int(i) for i in words if int(i) < end]  # the concept's own words (the positions MACE also suppresses)
     sd = model.model.diffusion_model.state_dict()
     limit = lora.steps * lora.meta["learning_rate"]
@@ -177,7 +174,7 @@ def main():
                             for p in prompts) / len(prompts)
                 custom = {} if args.lr is None else {"settings": "custom", "learning_rate": args.lr, "steps": 50}
                 bundle, out, curves = train.train_concept_loras(model, clip, name, ee.TYPE[c.concept_type], **custom)
-                factors.append(factor_stats(model, clip, bundle.loras[0], text, end_id, prompt.words))
+                factors.append(factor_stats(model, host.clip_encoder(clip), bundle.loras[0], text, prompt.words))
                 mass1 = sum(att.concept_attention_mass(out, p, lat, mask, (150, 250, 350, 450, 650), seed=123)
                             for p in prompts) / len(prompts)
                 loss = curves[name]

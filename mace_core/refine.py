@@ -69,8 +69,9 @@ def preserve_moment(preserved, concept_types, enc: TextEncoder,
     key = ("preserve_moment", tuple(items), tuple(concept_types))
     memo = getattr(enc, "memo", None)
     if memo is not None and key in memo:
-        for _ in items if progress else ():
-            progress()
+        if progress:
+            for _ in items:
+                progress()
         return memo[key].clone()
     m = Moments(enc.dim)
     for name, concept_type in items:

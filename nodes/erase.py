@@ -126,14 +126,13 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
     items = list(cl.concepts)
     t0 = time.perf_counter()
     n = len(items)
-    # each stage's share of the bar: its own units (refine and fuse count each preserved concept they encode)
     kept = len(cl.preserve)
     if mode == QUICK:
-        units = [n + 1 + kept]
+        units = [refine.progress_units(n, kept)]
     else:
         per = [concept_settings(c.concept_type, PER_TYPE) for c in items]
-        units = [n + 1 + kept, sum(p.steps + attention.GEN_STEPS + 1 for p in per),
-                 n + 2 + (kept if preservation_strength > 0 else 0)]
+        units = [refine.progress_units(n, kept), sum(p.steps + attention.GEN_STEPS + 1 for p in per),
+                 fuse.progress_units(n, kept, preservation_strength)]
     with StageProgress(units) as bar:
         bar.next()
         refined = refine.refine_model(model, clip, "", cl.concept_type, "", "", preservation_strength, lambda_,

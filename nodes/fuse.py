@@ -74,6 +74,12 @@ class MACEFuseLoRAs(io.ComfyNode):
                                         PRESERVATION_TARGETS.get(keep_target, keep_target), concept_list))
 
 
+def progress_units(loras: int, preserved: int, preservation_strength: float) -> int:
+    """Fuse's progress units: the prior, each LoRA, each preserved concept (encoded only where it weighs), the solve
+    (MACE Erase's bar reads it too)."""
+    return 2 + loras + (preserved if preservation_strength > 0 else 0)
+
+
 def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lambda_=0.01,
                preservation_target="input", concept_list=None):
     """Validate, solve, then patch a clone. Nothing is applied until every step has succeeded. A connected
@@ -86,8 +92,7 @@ def fuse_model(model, clip, bundle, preserve="", preservation_strength=1.0, lamb
     if loras:
         check_base(model, getattr(bundle, "base", ""), "this LoRA bundle", "loras")
     enc = host.clip_encoder(clip)
-    # the prior, each LoRA, each preserved concept (encoded only where it weighs), the solve
-    progress = host.Progress(len(loras) + 2 + (len(preserved) if preservation_strength > 0 else 0))
+    progress = host.Progress(progress_units(len(loras), len(preserved), preservation_strength))
     t0 = time.perf_counter()
     prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()

@@ -36,6 +36,11 @@ def prior_for(clip, enc, progress=None, corpus=()):
     return host.cached_tensor(name, lambda: prior_moment(enc, prompts, progress=progress or host.check_cancel))
 
 
+def progress_units(concepts: int, preserved: int) -> int:
+    """Refine's progress units: the prior, each concept, each preserved concept (MACE Erase's bar reads it too)."""
+    return 1 + concepts + preserved
+
+
 class MACERefineCrossAttention(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -80,7 +85,7 @@ def refine_model(model, clip, concepts, concept_type, anchor="", preserve="", pr
     items, preserved = list(cl.concepts), list(cl.preserve)
     keys = host.cross_attention_keys(model, clip)
     enc = host.clip_encoder(clip)
-    progress = host.Progress(len(items) + 1 + len(preserved))  # the prior, each concept, each preserved one
+    progress = host.Progress(progress_units(len(items), len(preserved)))
     t0 = time.perf_counter()
     prior = prior_for(clip, enc, corpus=cl.corpus) if preservation_strength > 0 else None
     progress()
