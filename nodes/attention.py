@@ -173,7 +173,7 @@ class TrainableModel:
     def __init__(self, model, lora_keys: list[str]):
         self.probe = AttentionProbe()
         self.lora = BatchedLoRA()
-        self.patcher = model.clone()
+        self.patcher = host.training_clone(model)
         layers = attn2_layers(model)
         if not layers:
             raise RuntimeError("MACE: found no cross-attention transformer blocks in this model")

@@ -128,6 +128,22 @@ def _is_mace_patch(t) -> bool:
     return isinstance(t, torch.Tensor) and _MACE_PATCHES.get(id(t)) is t
 
 
+def training_clone(model):
+    """A clone to train through. ComfyUI releases from early 2026 stream weights in per layer by default ("dynamic
+    VRAM", on GPUs): the weight a layer computes with may then sit in a buffer reused after the layer has run, which
+    backpropagation through the whole UNet cannot rely on, and weight wrappers are skipped on small modules. Those
+    releases offer a clone that loads the usual way; the pinned host (0.3.64) has no dynamic mode, so a plain clone.
+    Not exercised here: no ComfyUI with the mode reaches this machine (docs/compatibility.md)."""
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if callable(is_dynamic) and is_dynamic():
+        try:
+            return model.clone(disable_dynamic=True)
+        except (RuntimeError, TypeError) as e:  # a loader that left no way to rebuild the model statically
+            log.warning("MACE: training through a dynamically loaded model (%s); if the LoRAs come out wrong, start "
+                        "ComfyUI with --disable-dynamic-vram", e)
+    return model.clone()
+
+
 def with_deltas(model, deltas: Mapping[str, torch.Tensor], strength: float = 1.0):
     """A clone carrying each delta as a 'diff' patch; the incoming model is not touched. All or nothing. The one way a
     MACE stage's result reaches a model: refine's and fuse's WeightDeltas (mace_core.closed_form), and the train
