@@ -30,25 +30,28 @@ class Preset:
     eval_renders: int  # held-out renders per target for the classifier's accuracy
     lr: float = 1e-3
     world: str = "standard"  # which concepts (spec.named): "standard" (20) or "mass" (mass.py)
+    text_width: int | None = None  # the text features' (the UNet's context) width; None: nets.TEXT_WIDTH
 
     @property
     def spec(self):
         return named(self.world)
 
 
+MASS_TEXT_WIDTH = 128
 PRESETS = {
     "full": Preset("full", ae_steps=160, ae_batch=32, diff_steps=1300, diff_batch=64, cls_steps=300, cls_batch=64,
                    recon_pool=768, eval_renders=8),
     # seconds: only checks that every phase runs and the result loads into ComfyUI
     "smoke": Preset("smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3, cls_batch=8,
                     recon_pool=8, eval_renders=1),
-    # the mass world (mass.py, 126 concepts): sized to train in under 30 minutes on one core without bf16. Its
-    # classifier tells 127 classes apart, which takes 5x the standard world's steps (300 steps: 59 % held out on
-    # renders, 1500: 99.6 %, measured)
+    # the mass world (mass.py, 126 concepts). Its classifier tells 127 classes apart, which takes 5x the standard
+    # world's steps (300 steps: 59 % held out on renders, 1500: 99.6 %, measured). Its text is 128 wide, more than it
+    # has concepts, as CLIP-L's 768 are more than the paper's 200 celebrities: at 64 every erased concept's features
+    # lay inside the span of the kept ones', so no linear edit could move one and hold the rest (docs/mass_world.md)
     "mass": Preset("mass", ae_steps=300, ae_batch=32, diff_steps=4000, diff_batch=64, cls_steps=1500, cls_batch=64,
-                   recon_pool=1536, eval_renders=4, world="mass"),
+                   recon_pool=1536, eval_renders=4, world="mass", text_width=MASS_TEXT_WIDTH),
     "mass_smoke": Preset("mass_smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3, cls_batch=8,
-                         recon_pool=8, eval_renders=1, world="mass"),
+                         recon_pool=8, eval_renders=1, world="mass", text_width=MASS_TEXT_WIDTH),
 }
 
 UNCOND_P = 0.1  # prompt dropout to "" so classifier-free guidance works
@@ -380,14 +383,15 @@ def _training_threads():
 
 def train_world(seed: int, preset: Preset, configs: tuple[dict, dict] | None = None):
     """Train every part: (taesd, base_model, clip, classifier, metrics). configs: (unet_config, clip_config), default
-    nets.configs(). Runs with gradients even when the caller is under inference_mode (as ComfyUI's executor is)."""
+    nets.configs() at the preset's text width. Runs with gradients even when the caller is under inference_mode (as
+    ComfyUI's executor is)."""
     before = torch.get_num_threads()
     threads = _training_threads()
     log.info("concept world: training on %d thread(s), %s", threads, cpu.describe())
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            return _train_world(seed, preset, configs or nets.configs())
+            return _train_world(seed, preset, configs or nets.configs(preset.text_width))
     finally:
         torch.set_num_threads(before)
 

@@ -174,8 +174,9 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
     preset "full" is the real world; "smoke" trains for seconds and only proves the plumbing; "mass" is the world of
     126 concepts (mass.py, about 30 minutes of training) and "mass_smoke" its smoke version. cache_dir
     overrides the folder (tests use a temporary one for smoke worlds). evaluate (default: full preset only)
-    measures how often the trained model draws the right concept and stores it in world.metrics. text_width (default
-    nets.TEXT_WIDTH, 64) widens the text encoder and the UNet's context, to see what the world's width does to erasure.
+    measures how often the trained model draws the right concept and stores it in world.metrics. text_width (default:
+    the preset's, else nets.TEXT_WIDTH, 64) sets the text encoder's and the UNet's context width, to see what the
+    world's width does to erasure; a file of another width than 64 says so in its name.
     family "sdxl" is the same world in SDXL's architecture (nets.sdxl_configs: CLIP-L + CLIP-G, pooled vector and size
     conditioning), saved under its own file name.
     """
@@ -192,7 +193,7 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
         configs = nets.sdxl_configs()
         path = store.world_path(seed, preset, cache_dir, None, family)
     else:
-        configs = nets.configs(text_width)
+        configs = nets.configs(train.PRESETS[preset].text_width if text_width is None else text_width)
         width = configs[1]["hidden_size"]
         path = store.world_path(seed, preset, cache_dir, None if width == nets.TEXT_WIDTH else width)
     key = (path, os.path.getmtime(path) if os.path.exists(path) else None)

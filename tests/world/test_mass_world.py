@@ -73,6 +73,10 @@ def test_a_mass_smoke_world_trains_saves_and_loads_with_its_concepts(cw, mass_sm
     assert world.spec is MASS and "mass_smoke" in world.path
     groups, meta = store.load(world.path)
     assert meta["world"] == "mass" and len(meta["spec"]["concepts"]) == len(MASS.CONCEPTS)
+    # its text is wider than it has concepts (train.MASS_TEXT_WIDTH), and the file name says so
+    width = meta["clip_config"]["hidden_size"]
+    assert width == meta["unet_config"]["context_dim"] == 128 > len(MASS.CONCEPTS) and "_text128_" in world.path
+    assert groups["unet"]["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1] == 128
     assert groups["classifier"]["head.weight"].shape[0] == len(MASS.CLASS_NAMES)
     again = cw.load(world.path)
     assert again.spec is MASS
