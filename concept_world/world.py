@@ -164,6 +164,14 @@ def load(path, seed=0, preset="full", current_only=False):
             raise ValueError(f"{path}: trained with options {trained}, not today's {train.training_options()}")
         if meta.get("spec") != spec.named(meta.get("world", "standard")).as_dict():
             raise ValueError(f"{path}: trained on other concepts than today's {meta.get('world', 'standard')} world")
+        stored = meta.get("metrics", {}).get("preset") or {}
+        now = train.PRESETS.get(stored.get("name"))
+        # a recipe changed since (the mass world's 4000 diffusion steps became 3000) is another world for the same
+        # seed; keys a file predates (world, text_width) are named by its file name and spec, checked above
+        changed = [k for k in train.RECIPE_KEYS if now is not None and k in stored and stored[k] != getattr(now, k)]
+        if changed:
+            raise ValueError(f"{path}: trained with {', '.join(f'{k} {stored[k]}' for k in changed)}, not today's "
+                             f"{', '.join(f'{k} {getattr(now, k)}' for k in changed)}")
     return _assemble(groups, meta, meta.get("seed", seed), meta.get("preset", preset), path)
 
 
@@ -172,7 +180,7 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
     """The world for a seed: loaded from <models>/mace_world/ when there, else trained (minutes) and saved.
 
     preset "full" is the real world; "smoke" trains for seconds and only proves the plumbing; "mass" is the world of
-    126 concepts (mass.py, about 35 minutes of training on one CPU thread) and "mass_smoke" its smoke version. cache_dir
+    126 concepts (mass.py, about 27 minutes of training on one CPU thread) and "mass_smoke" its smoke version. cache_dir
     overrides the folder (tests use a temporary one for smoke worlds). evaluate (default: full preset only)
     measures how often the trained model draws the right concept and stores it in world.metrics. text_width (default:
     the preset's, else nets.TEXT_WIDTH, 64) sets the text encoder's and the UNet's context width, to see what the

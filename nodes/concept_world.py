@@ -41,7 +41,7 @@ class MACEConceptWorld(io.ComfyNode):
                                tooltip="Which world: the standard one of 20 concepts, or the mass world of 126 "
                                        "(names such as 'Thafan Rirkrudes' or 'nasster style'; the list is in "
                                        "concept_world/mass.py), where tens of concepts can be erased at once. The "
-                                       "mass world trains once (about 35 minutes on a CPU) and is saved on its own."),
+                                       "mass world trains once (about 27 minutes on a CPU) and is saved on its own."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The world's SD1.5- or SDXL-architecture UNet (64x64 images, 8x8 latents)."),

@@ -142,6 +142,29 @@ def test_a_world_file_of_other_concepts_is_not_loaded_as_today_s(cw, mass_smoke_
     assert world_mod.load(path).spec is MASS  # a trial file still loads when asked for by path
 
 
+def test_a_world_file_of_another_recipe_is_not_loaded_as_today_s(cw, mass_smoke_world, tmp_path):
+    """A cached world trained with other step counts (the mass world's 4000 diffusion steps before they became 3000)
+    is another world for the same seed: load_or_train retrains it, so a seed means one world wherever it was made. A
+    file from before a preset gained a key (world, text_width) still loads."""
+    store = pack_import("concept_world.store")
+    world_mod = pack_import("concept_world.world")
+    groups, meta = store.load(mass_smoke_world.path)
+    preset = meta["metrics"]["preset"]
+    assert preset["name"] == "mass_smoke"
+    older = {k: v for k, v in preset.items() if k not in ("world", "text_width")}
+    meta["metrics"]["preset"] = older
+    path = str(tmp_path / "older_keys.safetensors")
+    store.save(path, groups, meta)
+    assert world_mod.load(path, current_only=True).spec is MASS
+    meta["metrics"]["preset"] = dict(older, diff_steps=older["diff_steps"] + 1)
+    path = str(tmp_path / "other_recipe.safetensors")
+    store.save(path, groups, meta)
+    with pytest.raises(ValueError, match=f"diff_steps {older['diff_steps'] + 1}, not today's diff_steps "
+                                         f"{older['diff_steps']}"):
+        world_mod.load(path, current_only=True)
+    assert world_mod.load(path).spec is MASS
+
+
 def test_the_bench_reports_each_concept_type_s_share_from_the_misses():
     """bench/eval_world.py's per-type table: which kind of concept a score is lost on. Built from a hand-made miss
     list over the mass world's first 10 erased (3 persons, 4 objects, 3 styles in its order)."""
