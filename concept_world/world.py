@@ -168,7 +168,7 @@ def load(path, seed=0, preset="full", current_only=False):
         now = train.PRESETS.get(stored.get("name"))
         # a recipe changed since (the mass world's 4000 diffusion steps became 3000) is another world for the same
         # seed; keys a file predates (world, text_width) are named by its file name and spec, checked above
-        changed = [k for k in train.RECIPE_KEYS if now is not None and k in stored and stored[k] != getattr(now, k)]
+        changed = [k for k in train.RECIPE_KEYS if k in stored and stored[k] != getattr(now, k)] if now else []
         if changed:
             raise ValueError(f"{path}: trained with {', '.join(f'{k} {stored[k]}' for k in changed)}, not today's "
                              f"{', '.join(f'{k} {getattr(now, k)}' for k in changed)}")
