@@ -265,6 +265,46 @@ def type_table(results, sp) -> str:
     return "\n".join(rows)
 
 
+def shares_part(a, b) -> bool:
+    """Whether two concepts of the world share a drawn part: a colour (the mass world's objects and people are pairs
+    of ten), or a pattern or palette (its styles; a palette is named by its ground colour)."""
+    if a.concept_type == "style":
+        return a.shape == b.shape or a.colors[:1] == b.colors[:1]
+    return bool(set(a.colors) & set(b.colors))
+
+
+def lost_table(results, sp) -> str:
+    """Where the kept concepts that are lost go: drawn as an erased concept, as another kept one, or as none, and how
+    often what they are drawn as shares a drawn part with them, against the share of their type's other concepts
+    that do (chance). From the misses, each lost concept counted by the classifier's most frequent other answer."""
+    by_name = {c.name: c for c in sp.CONCEPTS}
+    rows = ["| erased | pipeline | kept cases lost | as an erased concept | as a kept one | as none | "
+            "sharing a part (chance) |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for n, res in results.items():
+        erased = set(sp.ORDER[:n])
+        for name, m in res.items():
+            lost = m.get("misses", {}).get("acc_s")
+            if not lost:
+                continue
+            total, where, share, chance = 0, {"erased": 0, "kept": 0, "none": 0}, 0, 0.0
+            for kept, entry in lost.items():
+                k = int(entry.split("/")[0])
+                drawn = entry.split(" as ", 1)[1] if " as " in entry else "none"
+                total += k
+                c = by_name[kept]
+                peers = [o for o in sp.CONCEPTS if o.concept_type == c.concept_type and o.name != kept]
+                chance += k * sum(shares_part(c, o) for o in peers) / len(peers)
+                if drawn not in by_name:
+                    where["none"] += k
+                    continue
+                where["erased" if drawn in erased else "kept"] += k
+                share += k * shares_part(c, by_name[drawn])
+            named = total - where["none"]
+            rows.append(f"| {n} | {name} | {total} | {where['erased'] / total:.2f} | {where['kept'] / total:.2f} | "
+                        f"{where['none'] / total:.2f} | {share / max(named, 1):.2f} ({chance / total:.2f}) |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", default="standard", choices=list(WORLDS),
@@ -380,6 +420,7 @@ def write(args, spec, world_seeds, counts, per_world, stage_times):
         results = per_world[world_seeds[0]]
         report = (f"{table(results)}\n\nSeconds per stage:\n\n{time_table(stage_times[world_seeds[0]])}\n\n"
                   f"Per concept type (Acc_e / Acc_g / Acc_s):\n\n{type_table(results, spec)}\n\n"
+                  f"Where the kept concepts lost go:\n\n{lost_table(results, spec)}\n\n"
                   f"Per concept (cases out of seeds):\n\n{miss_list(results)}\n")
         stored = results
     else:

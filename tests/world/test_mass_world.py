@@ -190,3 +190,28 @@ def test_the_bench_reports_each_concept_type_s_share_from_the_misses():
     assert cells[2] == "0.00 / 0.00 / 1.00"  # no object missed
     assert cells[3] == f"0.00 / {2 / (6 * n_person):.2f} / {1 - 9 / (6 * kept):.2f}"
     assert cells[4] == f"{9 / (6 * n_style):.2f} / 0.00 / 1.00"
+
+
+def test_the_bench_says_where_lost_kept_concepts_go_and_whether_they_share_a_part():
+    """bench/eval_world.py's lost table, from a hand-made miss list on the mass world: one kept person drawn as an
+    erased person of the same colours' neighbourhood, one as a kept person sharing nothing, one as none."""
+    import importlib.util
+
+    path = comfy_host.PACK / "bench" / "eval_world.py"
+    loaded = importlib.util.spec_from_file_location("eval_world_bench", path)
+    bench = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(bench)
+    erased = set(MASS.ORDER[:10])
+    people = [c for c in MASS.CONCEPTS if c.concept_type == "person"]
+    a = next(c for c in people if c.name not in erased)
+    shared = next(c for c in people if c.name in erased and set(c.colors) & set(a.colors))
+    b = next(c for c in people if c.name not in erased and c is not a)
+    apart = next(c for c in people if c.name not in erased and c not in (a, b) and not set(c.colors) & set(b.colors))
+    c3 = next(c for c in people if c.name not in erased and c not in (a, b, apart))
+    misses = {"acc_s": {a.name: f"4/6 as {shared.name}", b.name: f"2/6 as {apart.name}", c3.name: "2/6 as none"}}
+    rows = bench.lost_table({10: {"MACE": {"misses": misses}}}, MASS).splitlines()
+    cells = [x.strip() for x in rows[2].strip("|").split("|")]
+    assert cells[:6] == ["10", "MACE", "8", "0.50", "0.25", "0.25"]
+    # 4 of the 6 named cases share a colour; any person shares one with 16 of the other 44 (ten colours in pairs)
+    assert cells[6] == f"{4 / 6:.2f} ({16 / 44:.2f})"
+    assert bench.shares_part(a, shared) and not bench.shares_part(b, apart)
