@@ -305,6 +305,36 @@ def lost_table(results, sp) -> str:
     return "\n".join(rows)
 
 
+def neighbour_table(results, sp, most: int = 6) -> str:
+    """The share of a kept concept's cases lost, by how many erased concepts of its type share a drawn part with it
+    (its erased neighbours; `most` and more in the last column), with the number of kept concepts in each cell: a loss
+    that grows with the neighbours erased is the edit moving shared parts."""
+    rows = ["| erased | pipeline | " + " | ".join(f"{k}{'+' if k == most else ''} erased neighbours"
+                                               for k in range(most + 1)) + " |",
+            "|---:|---|" + "---:|" * (most + 1)]
+    for n, res in results.items():
+        erased = set(sp.ORDER[:n])
+        for name, m in res.items():
+            lost = m.get("misses", {}).get("acc_s")
+            if lost is None:
+                continue
+            cells = {}
+            for c in sp.CONCEPTS:
+                if c.name in erased:
+                    continue
+                k = min(most, sum(shares_part(c, o) for o in sp.CONCEPTS
+                                  if o.concept_type == c.concept_type and o.name in erased))
+                cell = cells.setdefault(k, [0, 0])  # cases lost, kept concepts
+                cell[0] += int(lost[c.name].split("/")[0]) if c.name in lost else 0
+                cell[1] += 1
+            # every concept is scored on the same number of cases (seeds x prompts)
+            per_case = next((int(e.split()[0].split("/")[1]) for e in lost.values()), 1)
+            rows.append(f"| {n} | {name} | " + " | ".join(
+                f"{cells[k][0] / (per_case * cells[k][1]):.2f} ({cells[k][1]})" if k in cells else "-"
+                for k in range(most + 1)) + " |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", default="standard", choices=list(WORLDS),
@@ -421,6 +451,8 @@ def write(args, spec, world_seeds, counts, per_world, stage_times):
         report = (f"{table(results)}\n\nSeconds per stage:\n\n{time_table(stage_times[world_seeds[0]])}\n\n"
                   f"Per concept type (Acc_e / Acc_g / Acc_s):\n\n{type_table(results, spec)}\n\n"
                   f"Where the kept concepts lost go:\n\n{lost_table(results, spec)}\n\n"
+                  f"Kept cases lost by erased neighbours (kept concepts in the cell):\n\n"
+                  f"{neighbour_table(results, spec)}\n\n"
                   f"Per concept (cases out of seeds):\n\n{miss_list(results)}\n")
         stored = results
     else:

@@ -215,3 +215,32 @@ def test_the_bench_says_where_lost_kept_concepts_go_and_whether_they_share_a_par
     # 4 of the 6 named cases share a colour; any person shares one with 16 of the other 44 (ten colours in pairs)
     assert cells[6] == f"{4 / 6:.2f} ({16 / 44:.2f})"
     assert bench.shares_part(a, shared) and not bench.shares_part(b, apart)
+
+
+def test_the_bench_splits_kept_losses_by_the_erased_neighbours_that_share_a_part():
+    """bench/eval_world.py's neighbour table: a kept person with no erased neighbour and one with some, each losing a
+    known share of its cases, land in their own columns; kept concepts without a miss count as not lost."""
+    import importlib.util
+
+    path = comfy_host.PACK / "bench" / "eval_world.py"
+    loaded = importlib.util.spec_from_file_location("eval_world_bench", path)
+    bench = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(bench)
+    erased = set(MASS.ORDER[:10])
+    people = [c for c in MASS.CONCEPTS if c.concept_type == "person"]
+
+    def neighbours(c):
+        return sum(bench.shares_part(c, o) for o in people if o.name in erased)
+
+    alone = next(c for c in people if c.name not in erased and neighbours(c) == 0)
+    crowded = max((c for c in people if c.name not in erased), key=neighbours)
+    k = min(6, neighbours(crowded))
+    misses = {"acc_s": {alone.name: "3/6 as none", crowded.name: "6/6 as none"}}
+    rows = bench.neighbour_table({10: {"MACE": {"misses": misses}}}, MASS).splitlines()
+    cells = [x.strip() for x in rows[2].strip("|").split("|")][2:]
+    kept_with = [sum(1 for c in MASS.CONCEPTS if c.name not in erased and min(6, sum(
+        bench.shares_part(c, o) for o in MASS.CONCEPTS if o.concept_type == c.concept_type and o.name in erased)) == j)
+        for j in range(7)]
+    assert cells[0] == f"{3 / (6 * kept_with[0]):.2f} ({kept_with[0]})"
+    assert cells[k] == f"{6 / (6 * kept_with[k]):.2f} ({kept_with[k]})"
+    assert k > 0 and sum(kept_with) == len(MASS.CONCEPTS) - 10
