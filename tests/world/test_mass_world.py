@@ -165,15 +165,21 @@ def test_a_world_file_of_another_recipe_is_not_loaded_as_today_s(cw, mass_smoke_
     assert world_mod.load(path).spec is MASS
 
 
-def test_the_bench_reports_each_concept_type_s_share_from_the_misses():
-    """bench/eval_world.py's per-type table: which kind of concept a score is lost on. Built from a hand-made miss
-    list over the mass world's first 10 erased (3 persons, 4 objects, 3 styles in its order)."""
+def _eval_world_bench():
+    """bench/eval_world.py as a module (a script, not part of the pack): its report tables are plain functions."""
     import importlib.util
 
     path = comfy_host.PACK / "bench" / "eval_world.py"
     loaded = importlib.util.spec_from_file_location("eval_world_bench", path)
     bench = importlib.util.module_from_spec(loaded)
     loaded.loader.exec_module(bench)
+    return bench
+
+
+def test_the_bench_reports_each_concept_type_s_share_from_the_misses():
+    """bench/eval_world.py's per-type table: which kind of concept a score is lost on. Built from a hand-made miss
+    list over the mass world's first 10 erased (3 persons, 4 objects, 3 styles in its order)."""
+    bench = _eval_world_bench()
     erased = MASS.ORDER[:10]
     of_type = {t: [n for n in erased if MASS.CONCEPTS[MASS.concept_index(n)].concept_type == t]
                for t in spec.CONCEPT_TYPES}
@@ -195,12 +201,7 @@ def test_the_bench_reports_each_concept_type_s_share_from_the_misses():
 def test_the_bench_says_where_lost_kept_concepts_go_and_whether_they_share_a_part():
     """bench/eval_world.py's lost table, from a hand-made miss list on the mass world: one kept person drawn as an
     erased person of the same colours' neighbourhood, one as a kept person sharing nothing, one as none."""
-    import importlib.util
-
-    path = comfy_host.PACK / "bench" / "eval_world.py"
-    loaded = importlib.util.spec_from_file_location("eval_world_bench", path)
-    bench = importlib.util.module_from_spec(loaded)
-    loaded.loader.exec_module(bench)
+    bench = _eval_world_bench()
     erased = set(MASS.ORDER[:10])
     people = [c for c in MASS.CONCEPTS if c.concept_type == "person"]
     a = next(c for c in people if c.name not in erased)
@@ -220,12 +221,7 @@ def test_the_bench_says_where_lost_kept_concepts_go_and_whether_they_share_a_par
 def test_the_bench_splits_kept_losses_by_the_erased_neighbours_that_share_a_part():
     """bench/eval_world.py's neighbour table: a kept person with no erased neighbour and one with some, each losing a
     known share of its cases, land in their own columns; kept concepts without a miss count as not lost."""
-    import importlib.util
-
-    path = comfy_host.PACK / "bench" / "eval_world.py"
-    loaded = importlib.util.spec_from_file_location("eval_world_bench", path)
-    bench = importlib.util.module_from_spec(loaded)
-    loaded.loader.exec_module(bench)
+    bench = _eval_world_bench()
     erased = set(MASS.ORDER[:10])
     people = [c for c in MASS.CONCEPTS if c.concept_type == "person"]
 
