@@ -231,12 +231,16 @@ def miss_list(results) -> str:
     return "\n".join(rows)
 
 
+def parse_miss(entry: str) -> tuple[int, int, str | None]:
+    """(cases missed, cases scored, what was drawn instead or None) of a misses entry, "k/n" or "k/n as <class>"."""
+    counts, _, drawn = entry.partition(" as ")
+    wrong, cases = (int(x) for x in counts.split("/"))
+    return wrong, cases, drawn or None
+
+
 def type_table(results, sp) -> str:
     """Acc_e, Acc_g and Acc_s per concept type, from the per-concept misses: which kind of concept a number is lost
     on (on the mass world a miss list runs to hundreds of names)."""
-    def cases(entry):
-        return tuple(int(x) for x in entry.split()[0].split("/"))
-
     types = {c.name: c.concept_type for c in sp.CONCEPTS}
     rows = ["| erased | pipeline | " + " | ".join(f"{t}: e / g / s" for t in sp.CONCEPT_TYPES) + " |",
             "|---:|---|" + "---:|" * len(sp.CONCEPT_TYPES)]
@@ -248,7 +252,7 @@ def type_table(results, sp) -> str:
                 continue
             # every concept is scored on the same number of cases (seeds x prompts); with no miss at all the
             # shares are 0 whatever it is
-            per_case = next((cases(e)[1] for per in miss.values() for e in per.values()), 1)
+            per_case = next((parse_miss(e)[1] for per in miss.values() for e in per.values()), 1)
             cells = []
             for t in sp.CONCEPT_TYPES:
                 got = []
@@ -257,7 +261,7 @@ def type_table(results, sp) -> str:
                     if not names:
                         got.append("-")
                         continue
-                    wrong = sum(cases(miss[key][c])[0] for c in names if c in miss[key])
+                    wrong = sum(parse_miss(miss[key][c])[0] for c in names if c in miss[key])
                     share = wrong / (per_case * len(names))
                     got.append(f"{share if key != 'acc_s' else 1 - share:.2f}")
                 cells.append(" / ".join(got))
@@ -271,6 +275,12 @@ def shares_part(a, b) -> bool:
     if a.concept_type == "style":
         return a.shape == b.shape or a.colors[:1] == b.colors[:1]
     return bool(set(a.colors) & set(b.colors))
+
+
+def neighbours(c, sp, among) -> int:
+    """How many concepts named in `among`, of c's type and not c, share a drawn part with c."""
+    return sum(shares_part(c, o) for o in sp.CONCEPTS
+               if o.concept_type == c.concept_type and o.name != c.name and o.name in among)
 
 
 def lost_table(results, sp) -> str:
@@ -288,12 +298,11 @@ def lost_table(results, sp) -> str:
                 continue
             total, where, share, chance = 0, {"erased": 0, "kept": 0, "none": 0}, 0, 0.0
             for kept, entry in lost.items():
-                k = int(entry.split("/")[0])
-                drawn = entry.split(" as ", 1)[1] if " as " in entry else "none"
+                k, _, drawn = parse_miss(entry)
                 total += k
                 c = by_name[kept]
-                peers = [o for o in sp.CONCEPTS if o.concept_type == c.concept_type and o.name != kept]
-                chance += k * sum(shares_part(c, o) for o in peers) / len(peers)
+                chance += k * neighbours(c, sp, by_name) / (sum(o.concept_type == c.concept_type
+                                                                 for o in sp.CONCEPTS) - 1)
                 if drawn not in by_name:
                     where["none"] += k
                     continue
@@ -322,13 +331,11 @@ def neighbour_table(results, sp, most: int = 6) -> str:
             for c in sp.CONCEPTS:
                 if c.name in erased:
                     continue
-                k = min(most, sum(shares_part(c, o) for o in sp.CONCEPTS
-                                  if o.concept_type == c.concept_type and o.name in erased))
-                cell = cells.setdefault(k, [0, 0])  # cases lost, kept concepts
-                cell[0] += int(lost[c.name].split("/")[0]) if c.name in lost else 0
+                cell = cells.setdefault(min(most, neighbours(c, sp, erased)), [0, 0])  # cases lost, kept concepts
+                cell[0] += parse_miss(lost[c.name])[0] if c.name in lost else 0
                 cell[1] += 1
             # every concept is scored on the same number of cases (seeds x prompts)
-            per_case = next((int(e.split()[0].split("/")[1]) for e in lost.values()), 1)
+            per_case = next((parse_miss(e)[1] for e in lost.values()), 1)
             rows.append(f"| {n} | {name} | " + " | ".join(
                 f"{cells[k][0] / (per_case * cells[k][1]):.2f} ({cells[k][1]})" if k in cells else "-"
                 for k in range(most + 1)) + " |")
