@@ -41,9 +41,9 @@ import comfy_host  # noqa: E402
 
 log = logging.getLogger("eval_world")
 GRID = ROOT / "docs" / "world_erasure_grid{}.png"
-PLOT = ROOT / "docs" / "mass_erasure.png"
+PLOT = ROOT / "docs" / "{}_erasure.png"  # per world: mass, mosaic
 # the worlds (concept_world presets) and the erased counts measured on each by default
-WORLDS = {"standard": ("full", "1,4,8"), "mass": ("mass", "10,25,50,100")}
+WORLDS = {"standard": ("full", "1,4,8"), "mass": ("mass", "10,25,50,100"), "mosaic": ("mosaic", "10,25,50,100")}
 
 
 def boot():
@@ -54,7 +54,8 @@ def boot():
 
     assert asyncio.run(nodes.load_custom_node(str(ROOT))), "the pack failed to load"
     name = str(ROOT).replace(".", "_x_")
-    return {m: importlib.import_module(f"{name}.concept_world.{m}") for m in ("world", "erasure_eval", "spec")}
+    return {m: importlib.import_module(f"{name}.concept_world.{m}")
+            for m in ("world", "erasure_eval", "spec", "evaluate")}
 
 
 def run(mods, world, n, args):
@@ -269,9 +270,19 @@ def type_table(results, sp) -> str:
     return "\n".join(rows)
 
 
+def span_table(span) -> str:
+    """concept_world.evaluate.outside_span per count: how much room a linear edit of the text has."""
+    return ("Erased concepts' end-token features outside the kept ones' span (mean share):\n\n"
+            "| erased | " + " | ".join(str(n) for n in span) + " |\n|---|" + "---:|" * len(span) + "\n"
+            "| outside | " + " | ".join(f"{v:.3f}" for v in span.values()) + " |")
+
+
 def shares_part(a, b) -> bool:
     """Whether two concepts of the world share a drawn part: a colour (the mass world's objects and people are pairs
-    of ten), or a pattern or palette (its styles; a palette is named by its ground colour)."""
+    of ten), or a pattern or palette (its styles; a palette is named by its ground colour); in the mosaic world, a
+    colour in the same cell."""
+    if a.shape == "mosaic":
+        return bool(set(enumerate(a.colors)) & set(enumerate(b.colors)))
     if a.concept_type == "style":
         return a.shape == b.shape or a.colors[:1] == b.colors[:1]
     return bool(set(a.colors) & set(b.colors))
@@ -345,7 +356,8 @@ def neighbour_table(results, sp, most: int = 6) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", default="standard", choices=list(WORLDS),
-                    help="standard: the 20-concept world; mass: the 126-concept world (mass erasure)")
+                    help="standard: the 20-concept world; mass: the 126-concept world (mass erasure); mosaic: the "
+                         "mass world's concepts drawn as codes of many parts")
     ap.add_argument("--counts", default=None, help="erased counts (default: 1,4,8; on the mass world 10,25,50,100)")
     ap.add_argument("--seeds", type=int, default=6, help="sampling seeds per prompt")
     ap.add_argument("--world-seed", type=int, default=0)
@@ -401,9 +413,9 @@ def main():
         ap.error("--world-seeds measures the cached worlds of those seeds, not --world-path")
     preset, default_counts = WORLDS[args.world]
     if args.world != "standard" and (args.family != "sd15" or args.text_width):
-        ap.error("--world mass is measured in the SD1.5 architecture at the default width")
+        ap.error(f"--world {args.world} is measured in the SD1.5 architecture at the default width")
     counts = [int(c) for c in (args.counts or default_counts).split(",")]
-    per_world, stage_times = {}, {}
+    per_world, stage_times, spans = {}, {}, {}
     for ws in world_seeds:
         if args.world_path:
             world = w.load(args.world_path)
@@ -413,6 +425,9 @@ def main():
             world = w.load_or_train(ws, preset, text_width=args.text_width)
         results = per_world[ws] = {}
         stage_times[ws] = {}
+        if args.world != "standard":
+            with torch.inference_mode():
+                spans[ws] = mods["evaluate"].outside_span(world, counts)
         for n in counts:
             results[n], models, stage_times[ws][n] = run(mods, world, n, args)
             log.info("\nworld seed %d\n%s\n%s\n%s", ws, table({n: results[n]}), miss_list({n: results[n]}),
@@ -422,13 +437,13 @@ def main():
                 mace = next(m for name, m in models.items() if name.startswith(ee.MACE))
                 grid(mods, world, list(world.spec.ORDER[:n]), models[ee.ORIGINAL], mace,
                      Path(str(GRID).format(args.suffix)))
-    write(args, world.spec, world_seeds, counts, per_world, stage_times)
+    write(args, world.spec, world_seeds, counts, per_world, stage_times, spans)
 
 
-def joined(paths) -> tuple[list, list, dict, dict]:
-    """(world seeds, counts, per-world results, stage seconds) of several runs' JSON files of one world seed (e.g.
-    counts measured in parallel processes), as one run's."""
-    per_world, stage_times, seeds = {}, {}, set()
+def joined(paths) -> tuple[list, list, dict, dict, dict]:
+    """(world seeds, counts, per-world results, stage seconds, spans) of several runs' JSON files of one world seed
+    (e.g. counts measured in parallel processes), as one run's."""
+    per_world, stage_times, spans, seeds = {}, {}, {}, set()
     for path in paths:
         got = json.loads(Path(path).read_text())
         if "mean" in got["results"]:
@@ -438,17 +453,20 @@ def joined(paths) -> tuple[list, list, dict, dict]:
         per_world.setdefault(ws, {}).update({int(n): r for n, r in got["results"].items()})
         for n, t in got["seconds"][str(ws)].items():
             stage_times.setdefault(ws, {})[int(n)] = t
+        for n, share in got.get("span", {}).get(str(ws), {}).items():  # files from before it have none
+            spans.setdefault(ws, {})[int(n)] = share
     if len(seeds) != 1:
         raise SystemExit(f"--join: the files measure world seeds {sorted(seeds)}; join runs of one world seed")
     ws = seeds.pop()
     per_world[ws] = dict(sorted(per_world[ws].items()))
     stage_times[ws] = dict(sorted(stage_times[ws].items()))
-    return [ws], list(per_world[ws]), per_world, stage_times
+    spans = {ws: dict(sorted(spans[ws].items()))} if ws in spans else {}
+    return [ws], list(per_world[ws]), per_world, stage_times, spans
 
 
-def write(args, spec, world_seeds, counts, per_world, stage_times):
+def write(args, spec, world_seeds, counts, per_world, stage_times, spans=None):
     """bench/out/eval_world<suffix>.md and .json, the mass world's plot, and the table on stdout. The plot goes to
-    docs/ only for a whole run (no suffix, or "_mass"); a part of one (a suffix of a run to --join) keeps it in
+    docs/ only for a whole run (no suffix, or "_<world>"); a part of one (a suffix of a run to --join) keeps it in
     bench/out."""
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
@@ -461,6 +479,8 @@ def write(args, spec, world_seeds, counts, per_world, stage_times):
                   f"Kept cases lost by erased neighbours (kept concepts in the cell):\n\n"
                   f"{neighbour_table(results, spec)}\n\n"
                   f"Per concept (cases out of seeds):\n\n{miss_list(results)}\n")
+        if spans:
+            report = f"{span_table(spans[world_seeds[0]])}\n\n{report}"
         stored = results
     else:
         results = mean_over_worlds(per_world)
@@ -470,10 +490,12 @@ def write(args, spec, world_seeds, counts, per_world, stage_times):
             report += f"\nWorld seed {ws}:\n\n{table(res)}\n\nPer concept (cases out of seeds):\n\n{miss_list(res)}\n"
         stored = {"mean": results, "worlds": per_world}
     (out / f"eval_world{args.suffix}.json").write_text(
-        json.dumps({"settings": settings, "results": stored, "seconds": stage_times}, indent=1))
-    if args.world == "mass" and len(counts) > 1 and not args.timing_only:
-        plot(results, PLOT if args.suffix in ("", "_mass") else out / f"{PLOT.stem}{args.suffix}.png",
-             f"mass world (126 concepts), world seed {world_seeds[0] if len(world_seeds) == 1 else world_seeds}, "
+        json.dumps({"settings": settings, "results": stored, "seconds": stage_times, "span": spans or {}}, indent=1))
+    if args.world != "standard" and len(counts) > 1 and not args.timing_only:
+        path = Path(str(PLOT).format(args.world))
+        plot(results, path if args.suffix in ("", f"_{args.world}") else out / f"{path.stem}{args.suffix}.png",
+             f"{args.world} world ({len(spec.CONCEPTS)} concepts), world seed "
+             f"{world_seeds[0] if len(world_seeds) == 1 else world_seeds}, "
              f"{args.seeds} sampling seeds, " + ("the nodes' defaults (per type, the paper's)"
                                                  if (args.lr, args.steps) == (1e-4, 50) else
                                                  f"lr {args.lr:g}, {args.steps} steps"))

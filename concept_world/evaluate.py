@@ -48,3 +48,34 @@ def draw_accuracy(world, seeds=range(4), model=None, clip=None, **settings):
     pred = world.predict_pairs(prompts, [i for i in range(len(prompts))], model, clip, **settings)
     out["anchors_none"] = round((pred == sp.NONE).float().mean().item(), 4)
     return out
+
+
+def outside_span(world, counts, template="a photo of {}", clip=None) -> dict:
+    """For each count n (the first n of the world's erasure order erased, the rest kept): the share of an erased
+    concept's text feature that lies outside the span of the kept concepts' features, mean over the erased.
+
+    The feature is the end token's of `template` with the canonical name, less the mean over every concept. A linear
+    edit of the text road (refine, fusion, UCE) can move an erased concept and hold every kept one only along this
+    part: at 0 the erased features are combinations of the kept ones', and whatever moves them moves those."""
+    from . import nets
+
+    sp = world.spec
+    clip = world.clip if clip is None else clip
+    feats = []
+    for c in sp.CONCEPTS:
+        prompt = template.format(c.name)
+        ids = nets.token_ids(clip, prompt)
+        end = ids.index(ids[-1], 1)  # the first end (pad) token after the start token
+        cond = world.encode([prompt], clip)[0][0]
+        feats.append(cond[0, end].double())
+    x = torch.stack(feats)
+    x = x - x.mean(0)
+    out = {}
+    for n in counts:
+        erased = [sp.concept_index(name) for name in sp.ORDER[:n]]
+        kept = [i for i in range(len(sp.CONCEPTS)) if i not in set(erased)]
+        q, _ = torch.linalg.qr(x[kept].T)  # columns: an orthonormal basis of the kept features' span
+        e = x[erased]
+        rest = e - (e @ q) @ q.T
+        out[n] = round((rest.norm(dim=1) / e.norm(dim=1)).mean().item(), 3)
+    return out

@@ -29,6 +29,7 @@ def generic(kind: str, sp=STANDARD) -> int:
 
 _SKIN = (0.93, 0.75, 0.60)
 TWO_TONE = "two-tone"  # an object's or a person's drawing of two colours (the mass world's)
+MOSAIC = "mosaic"  # a grid of colour cells (the mosaic world's, mosaic.py): a block, a coat and trousers, a canvas
 _OBJECT_SHAPES = ("disc", "square", "triangle", "cross", "dome", "diamond", "ring", "barrel")
 
 
@@ -163,6 +164,50 @@ def _two_tone_person(g, img, x, y, colors):
     return img, torch.maximum(head, body)
 
 
+def _grid(x, y, x0, y0, w, h, cols, rows, colors):
+    """(3, H, W) colours of a cols x rows grid over the box from (x0, y0), w x h pixels, colors row by row; pixels
+    outside the box take the nearest cell (the caller's mask cuts the shape)."""
+    i = ((x - x0) / (w / cols)).floor().clamp(0, cols - 1).long()
+    j = ((y - y0) / (h / rows)).floor().clamp(0, rows - 1).long()
+    table = torch.as_tensor(colors, dtype=torch.float32)
+    return table[(j * cols + i).flatten()].T.reshape(3, *x.shape)
+
+
+def _paint_map(img, a, colors):
+    return img * (1 - a) + colors * a
+
+
+def _mosaic_object(g, img, x, y, colors):
+    """The mosaic world's objects: a wide rounded block of 3 x 2 colour cells, each 13-16 px wide (1.6-2 latent
+    cells)."""
+    size = img.shape[-1]
+    r = _u(g, 15.0, 18.0) * size / 64
+    hx, hy = 1.3 * r, 0.8 * r
+    cx, cy = _u(g, hx + 2, size - hx - 2), _u(g, hy + 2, size - hy - 2)
+    a = _cover(_box(x, y, cx, cy, hx, hy, 3.0))
+    return _paint_map(img, a, _grid(x, y, cx - hx, cy - hy, 2 * hx, 2 * hy, 3, 2, colors)), a
+
+
+def _mosaic_person(g, img, x, y, colors):
+    """The mosaic world's people: _two_tone_person's figure with its coat and trousers each split in two down the
+    middle, 2 x 2 colour cells of 11-14 px."""
+    h, cx, head, cap, b0, b1 = _figure(g, x, y, img.shape[-1], (36.0, 46.0), 0.34, 0.14)
+    body = _cover(_box(x, y, cx, (b0 + b1) / 2, 0.3 * h, (b1 - b0) / 2, 1.5))
+    img = _paint(img, head, _SKIN)
+    img = _paint(img, cap, (0.10, 0.07, 0.05))
+    img = _paint_map(img, body, _grid(x, y, cx - 0.3 * h, b0, 0.6 * h, b1 - b0, 2, 2, colors))
+    return img, torch.maximum(head, body)
+
+
+def _mosaic_style(g, x, y, colors):
+    """The mosaic world's styles: the whole canvas as 4 x 4 cells of colour, shifted by up to 3 px and lit a little
+    brighter or darker per picture."""
+    size = x.shape[-1]
+    ox, oy = _u(g, -3.0, 3.0) * size / 64, _u(g, -3.0, 3.0) * size / 64
+    img = _grid(x, y, ox, oy, size, size, 4, 4, colors)
+    return img * _u(g, 0.94, 1.06)
+
+
 def _style(g, x, y, kind, colors):
     size = x.shape[-1]
     base = torch.as_tensor(colors[0]).view(3, 1, 1).expand(3, size, size).clone()
@@ -210,7 +255,13 @@ def render_one(target, g, size=64, sp=STANDARD):
     n = len(sp.CONCEPTS)
     if target < n:
         c = sp.CONCEPTS[target]
-        if c.shape == TWO_TONE and c.concept_type == "object":
+        if c.shape == MOSAIC and c.concept_type == "style":
+            return _mosaic_style(g, x, y, c.colors).clamp(0, 1), full
+        if c.shape == MOSAIC and c.concept_type == "object":
+            img, m = _mosaic_object(g, _background(g, x), x, y, c.colors)
+        elif c.shape == MOSAIC:
+            img, m = _mosaic_person(g, _background(g, x), x, y, c.colors)
+        elif c.shape == TWO_TONE and c.concept_type == "object":
             img, m = _two_tone_object(g, _background(g, x), x, y, c.colors)
         elif c.shape == TWO_TONE:
             img, m = _two_tone_person(g, _background(g, x), x, y, c.colors)

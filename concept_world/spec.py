@@ -165,11 +165,15 @@ as_dict = STANDARD.as_dict
 
 
 def named(name: str) -> WorldSpec:
-    """A world's spec by its name ("standard" or "mass")."""
+    """A world's spec by its name ("standard", "mass" or "mosaic")."""
     if name == "standard":
         return STANDARD
     if name == "mass":
         from .mass import MASS
 
         return MASS
-    raise ValueError(f"unknown concept world {name!r}; one of standard, mass")
+    if name == "mosaic":
+        from .mosaic import MOSAIC_WORLD
+
+        return MOSAIC_WORLD
+    raise ValueError(f"unknown concept world {name!r}; one of standard, mass, mosaic")

@@ -29,7 +29,7 @@ class Preset:
     recon_pool: int
     eval_renders: int  # held-out renders per target for the classifier's accuracy
     lr: float = 1e-3
-    world: str = "standard"  # which concepts (spec.named): "standard" (20) or "mass" (mass.py)
+    world: str = "standard"  # which concepts (spec.named): "standard" (20), "mass" (mass.py) or "mosaic" (mosaic.py)
     text_width: int | None = None  # the text features' (the UNet's context) width; None: nets.TEXT_WIDTH
 
     @property
@@ -55,6 +55,11 @@ PRESETS = {
                    recon_pool=1536, eval_renders=4, world="mass", text_width=MASS_TEXT_WIDTH),
     "mass_smoke": Preset("mass_smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3, cls_batch=8,
                          recon_pool=8, eval_renders=1, world="mass", text_width=MASS_TEXT_WIDTH),
+    # the mass world's concepts drawn as codes of many parts (mosaic.py), on the mass world's recipe unchanged
+    "mosaic": Preset("mosaic", ae_steps=300, ae_batch=32, diff_steps=3000, diff_batch=64, cls_steps=1500, cls_batch=64,
+                     recon_pool=1536, eval_renders=4, world="mosaic", text_width=MASS_TEXT_WIDTH),
+    "mosaic_smoke": Preset("mosaic_smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3,
+                           cls_batch=8, recon_pool=8, eval_renders=1, world="mosaic", text_width=MASS_TEXT_WIDTH),
 }
 
 UNCOND_P = 0.1  # prompt dropout to "" so classifier-free guidance works

@@ -8,7 +8,7 @@ from ..concept_world import world as concept_world
 # The family combo's choices -> concept_world's family names.
 FAMILIES = {"SD1.5": "sd15", "SDXL": "sdxl"}
 # The concepts combo's choices -> concept_world's training presets.
-WORLDS = {"20 concepts": "full", "mass (126 concepts)": "mass"}
+WORLDS = {"20 concepts": "full", "mass (126 concepts)": "mass", "mosaic (126 concepts)": "mosaic"}
 
 
 class MACEConceptWorld(io.ComfyNode):
@@ -25,7 +25,9 @@ class MACEConceptWorld(io.ComfyNode):
                 "trains the world on the CPU (several minutes) and saves it under models/mace_world; later runs "
                 "load it. family SDXL gives the same world in SDXL's architecture (two text encoders, a pooled "
                 "text vector and size conditioning). concepts 'mass' loads a world of 126 concepts (45 objects, 45 "
-                "people, 36 styles) for erasing tens of them at once; it trains for about half an hour the first time."
+                "people, 36 styles) for erasing tens of them at once; it trains for about half an hour the first time. "
+                "'mosaic' is a world of as many concepts, each drawn as a grid of colour cells (a code of many "
+                "parts rather than a pair of colours), trained the same way."
             ),
             inputs=[
                 # The frontend gives every INT named 'seed' a 'randomize after generate' control unless told not
@@ -41,7 +43,9 @@ class MACEConceptWorld(io.ComfyNode):
                                tooltip="Which world: the standard one of 20 concepts, or the mass world of 126 "
                                        "(names such as 'Thafan Rirkrudes' or 'nasster style'; the list is in "
                                        "concept_world/mass.py), where tens of concepts can be erased at once. The "
-                                       "mass world trains once (about 27 minutes on a CPU) and is saved on its own."),
+                                       "mass world trains once (about 27 minutes on a CPU) and is saved on its own. "
+                                       "mosaic: 126 other concepts (concept_world/mosaic.py), each a grid of colour "
+                                       "cells, which share fewer of their parts; it trains as the mass world does."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The world's SD1.5- or SDXL-architecture UNet (64x64 images, 8x8 latents)."),
