@@ -93,7 +93,9 @@ def _background(g, x):
 
 
 def _paint(img, a, color):
-    c = torch.as_tensor(color, dtype=img.dtype).view(3, 1, 1)
+    """Paint `color` (an RGB triple, or a (3, H, W) map of them) where the coverage `a` says."""
+    c = torch.as_tensor(color, dtype=img.dtype)
+    c = c.view(3, 1, 1) if c.dim() == 1 else c
     return img * (1 - a) + c * a
 
 
@@ -173,10 +175,6 @@ def _grid(x, y, x0, y0, w, h, cols, rows, colors):
     return table[(j * cols + i).flatten()].T.reshape(3, *x.shape)
 
 
-def _paint_map(img, a, colors):
-    return img * (1 - a) + colors * a
-
-
 def _mosaic_object(g, img, x, y, colors):
     """The mosaic world's objects: a wide rounded block of 3 x 2 colour cells, each 13-16 px wide (1.6-2 latent
     cells)."""
@@ -185,7 +183,7 @@ def _mosaic_object(g, img, x, y, colors):
     hx, hy = 1.3 * r, 0.8 * r
     cx, cy = _u(g, hx + 2, size - hx - 2), _u(g, hy + 2, size - hy - 2)
     a = _cover(_box(x, y, cx, cy, hx, hy, 3.0))
-    return _paint_map(img, a, _grid(x, y, cx - hx, cy - hy, 2 * hx, 2 * hy, 3, 2, colors)), a
+    return _paint(img, a, _grid(x, y, cx - hx, cy - hy, 2 * hx, 2 * hy, 3, 2, colors)), a
 
 
 def _mosaic_person(g, img, x, y, colors):
@@ -195,7 +193,7 @@ def _mosaic_person(g, img, x, y, colors):
     body = _cover(_box(x, y, cx, (b0 + b1) / 2, 0.3 * h, (b1 - b0) / 2, 1.5))
     img = _paint(img, head, _SKIN)
     img = _paint(img, cap, (0.10, 0.07, 0.05))
-    img = _paint_map(img, body, _grid(x, y, cx - 0.3 * h, b0, 0.6 * h, b1 - b0, 2, 2, colors))
+    img = _paint(img, body, _grid(x, y, cx - 0.3 * h, b0, 0.6 * h, b1 - b0, 2, 2, colors))
     return img, torch.maximum(head, body)
 
 
