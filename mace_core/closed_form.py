@@ -7,6 +7,7 @@ one factorisation serves all layers. Statistics are accumulated in float64 as pr
 does not grow with the number of concepts. Refinement and fusion both hand back their result as WeightDeltas.
 """
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -69,6 +70,23 @@ def ridge_scale(gram: torch.Tensor) -> float:
     """Ridge and prior weights are given relative to the mean eigenvalue of the data term, so defaults hold for any
     text encoder width and any number of prompts."""
     return float(torch.trace(gram)) / gram.shape[0]
+
+
+# How the paper's configs weigh the kept concepts as the erased list grows (celebrities, one domain cache:
+# preserve_weight 8e3, 5e4, 8e4 and 2e5 at 1, 5, 10 and 100 erased). The concepts' own statistics grow in proportion
+# to the number erased, so up to ten the kept list keeps its share of the total; from ten to a hundred its weight grows
+# only 2.5x for ten times the erased, and its share falls to a quarter. Refine and Fuse weigh the preserve list by
+# preserve_scale(n): 1 up to PRESERVE_FULL_UP_TO concepts, then (n / 10) ** (PRESERVE_GROWTH - 1). Past a hundred the
+# paper has no setting; the same power goes on.
+PRESERVE_FULL_UP_TO = 10
+PRESERVE_GROWTH = math.log10(2e5 / 8e4)  # 0.398: the kept weight's growth per decade of erased concepts
+
+
+def preserve_scale(n_concepts: int) -> float:
+    """The factor on the preserve list's weight for n_concepts erased at once (the paper's rule above)."""
+    if n_concepts <= PRESERVE_FULL_UP_TO:
+        return 1.0
+    return (n_concepts / PRESERVE_FULL_UP_TO) ** (PRESERVE_GROWTH - 1.0)
 
 
 def refine_transform(edit: Moments, prior: torch.Tensor | None, prior_weight: float, lam: float) -> torch.Tensor:

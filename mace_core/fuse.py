@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .closed_form import ACC, WeightDeltas, acc_device, ridge_scale, to_acc
+from .closed_form import ACC, WeightDeltas, acc_device, preserve_scale, ridge_scale, to_acc
 from .concepts import Concept, check_concept_type
 from .errors import MaceInputError
 from .lora_bundle import ConceptLoRA
@@ -120,7 +120,8 @@ def fuse(
     current / original: W' and W0 per cross-attention key (any mapping; W' is read only for preservation_target
     "original", one matrix at a time, and a mapping with a `shapes` attribute is not read for its shapes).
     prior: mean second moment of generic prompts (prior.py).
-    Prior and preserved concepts weigh relative to the concepts' own token count, as in refinement; lam is relative to
+    Prior and preserved concepts weigh relative to the concepts' own token count, as in refinement (the preserved ones
+    by closed_form.preserve_scale of the number of LoRAs too); lam is relative to
     the mean eigenvalue of the concept statistics.
     preservation_target: what generic prompts and preserved concepts are held to, "original" (W0, the paper's choice)
     or "input" (W', so what refinement did beyond the fused concepts' own prompts, e.g. to their synonyms, stays).
@@ -181,7 +182,7 @@ def fuse(
     concept_types = [lora.concept_type for lora in loras]
     held = preserve_moment(list(preserve), concept_types, enc, progress) if preserve and preserve_weight > 0 else None
     if held is not None:
-        kp = preserve_weight * count * to_acc(held, device)
+        kp = preserve_weight * preserve_scale(len(loras)) * count * to_acc(held, device)
         p = kp if p is None else p + kp
     if p is not None:
         m = m + p

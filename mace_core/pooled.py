@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .closed_form import Moments, apply_transform, refine_transform
+from .closed_form import Moments, apply_transform, preserve_scale, refine_transform
 from .concepts import TEMPLATES, Concept
 
 # list of prompts -> (n, pooled width) pooled vectors, exactly as the UNet receives them
@@ -68,7 +68,8 @@ def pooled_transform(concepts: list[Concept], encode: PooledEncoder, generic: li
     if preserve_weight > 0:
         k = mean_moment(encode, preserved_prompts(list(preserve), [c.concept_type for c in concepts]))
         if k is not None:
-            total = preserve_weight * k if total is None else total + preserve_weight * k
+            k = preserve_weight * preserve_scale(len(concepts)) * k
+            total = k if total is None else total + k
     return refine_transform(edit, total, 1.0, lam)
 
 

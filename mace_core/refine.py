@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from .align import align_pairs
-from .closed_form import Moments, WeightDeltas, refine_transform, transform_deltas
+from .closed_form import Moments, WeightDeltas, preserve_scale, refine_transform, transform_deltas
 from .concepts import TEMPLATES, Concept
 from .text import TextEncoder, check_concepts
 
@@ -125,7 +125,8 @@ def refinement_transform(
     """The refinement transform T (d x d, float64), the same for every key/value matrix.
 
     prior: mean second moment of generic prompts (prior.py); its weight is relative to the concept prompts' own token
-    count, as is the weight of the preserved concepts together (names or concepts.Preserved; see preserve_moment).
+    count, as is the weight of the preserved concepts together (names or concepts.Preserved; see preserve_moment),
+    which also follows the paper's rule for long lists (closed_form.preserve_scale).
     """
     check_concepts(concepts, enc)
     edit = edit_moments(concepts, enc, progress)
@@ -134,6 +135,6 @@ def refinement_transform(
     if prior is not None and prior_weight > 0:
         total = prior_weight * prior.to(torch.float64)
     if held is not None and preserve_weight > 0:
-        held = preserve_weight * held
+        held = preserve_weight * preserve_scale(len(concepts)) * held
         total = held if total is None else total + held
     return refine_transform(edit, total, 1.0, lam)

@@ -52,7 +52,9 @@ def preserve_inputs(near: str, what: str):
                                 "being erased, and a typed one in its own type's too."),
         io.Float.Input("preservation_strength", default=1.0, min=0.0, max=100.0, step=0.05,
                        tooltip="How much generic prompts and the concepts to preserve weigh against the erased "
-                               "concepts' prompts (1 = equal total weight, 0 = no preservation)."),
+                               "concepts' prompts (1 = equal total weight, 0 = no preservation). Past 10 "
+                               "concepts the preserve list's share falls as in the paper's settings: a quarter at "
+                               "100."),
         # The id stays 'lambda_' (a Python keyword otherwise; saved workflows and API graphs use it); the frontend
         # 1.27 labels widgets from locales/en/nodeDefs.json, not from display_name, so the label "lambda" is there.
         io.Float.Input("lambda_", display_name="lambda", default=0.01, min=0.0, max=10.0, step=0.001,

@@ -247,3 +247,43 @@ def test_weight_deltas_join_only_where_they_touch_different_weights():
         both | {"x": torch.ones(2)}
     with pytest.raises(TypeError):
         a["z"] = torch.ones(2)  # read-only: these tensors become the model's patches
+
+
+def test_a_long_list_weighs_the_preserved_concepts_by_the_papers_rule():
+    """Past ten LoRAs the preserve list weighs preserve_scale(n) of its strength (closed_form.preserve_scale); up to
+    ten, its strength as given."""
+    from mace_core.closed_form import preserve_scale
+
+    shapes, w0, wp = setup(seed=4)
+    enc = HashEncoder()
+    names = [f"Person {chr(65 + i)} Name" for i in range(12)]
+    loras = make_loras(shapes, names, seed=5)
+    preserve = ["Dave Brown"]
+    preserve_rows = enc.encode([t.format(preserve[0]) for t in TEMPLATES["celebrity"]])[1].reshape(-1, enc.dim).double()
+    deltas = fuse(loras, enc, wp, w0, None, preserve, prior_weight=0.0, preserve_weight=0.4, lam=0.02,
+                  preservation_target="original")
+    k = next(iter(wp))
+    ruled = stacked_solution(loras, enc, wp, w0, None, preserve_rows, 0, 0.4 * preserve_scale(12), 0.02)
+    flat = stacked_solution(loras, enc, wp, w0, None, preserve_rows, 0, 0.4, 0.02)
+    assert rel(deltas[k], ruled[k]) < 1e-5
+    assert rel(deltas[k], flat[k]) > 1e-3  # the rule changed the result: the flat weight is not what was solved
+    ten = fuse(loras[:10], enc, wp, w0, None, preserve, prior_weight=0.0, preserve_weight=0.4, lam=0.02,
+               preservation_target="original")
+    assert rel(ten[k], stacked_solution(loras[:10], enc, wp, w0, None, preserve_rows, 0, 0.4, 0.02)[k]) < 1e-5
+
+
+def test_refinement_applies_the_rule_to_the_preserve_list_only():
+    from mace_core.closed_form import preserve_scale, refine_transform
+    from mace_core.concepts import Concept
+    from mace_core.refine import edit_moments, preserve_moment, refinement_transform
+
+    enc = HashEncoder()
+    concepts = [Concept(f"Person {chr(65 + i)} Name", "a person", "celebrity") for i in range(12)]
+    prior = torch.eye(enc.dim, dtype=torch.float64) / enc.dim
+    t = refinement_transform(concepts, enc, prior, ["Dave Brown"], prior_weight=0.3, preserve_weight=0.8, lam=0.01)
+    held = preserve_moment(["Dave Brown"], ["celebrity"], enc)
+    edit = edit_moments(concepts, enc)
+    want = refine_transform(edit, 0.3 * prior + 0.8 * preserve_scale(12) * held, 1.0, 0.01)
+    flat = refine_transform(edit, 0.3 * prior + 0.8 * held, 1.0, 0.01)
+    assert torch.allclose(t, want, atol=1e-10)
+    assert (t - flat).abs().max() > 1e-4
