@@ -68,3 +68,17 @@ def test_preserved_concepts_are_held_too():
                                             lam=1e-3))
     assert (preserved_feats @ held.T).norm() < 0.6 * (preserved_feats @ loose.T).norm()
     assert len(preserved_prompts(preserve, ["celebrity"])) == len(CONCEPT.prompts())
+
+
+def test_a_long_list_weighs_the_preserved_concepts_by_the_papers_rule():
+    """The pooled edit weighs the preserve list as refine and fuse do: preserve_scale of the number of concepts."""
+    from mace_core.closed_form import preserve_scale, refine_transform
+    from mace_core.pooled import mean_moment, pooled_moments
+
+    enc = _encoder(3)
+    concepts = [Concept(f"Person {chr(65 + i)} Name", "a person", "celebrity") for i in range(12)]
+    kept = preserved_prompts(["Ann Lee"], ["celebrity"])
+    t = pooled_transform(concepts, enc, [], ["Ann Lee"], prior_weight=0.0, preserve_weight=0.5, lam=0.01)
+    edit, held = pooled_moments(concepts, enc), mean_moment(enc, kept)
+    assert torch.allclose(t, refine_transform(edit, 0.5 * preserve_scale(12) * held, 1.0, 0.01), atol=1e-10)
+    assert (t - refine_transform(edit, 0.5 * held, 1.0, 0.01)).abs().max() > 1e-4
