@@ -1,6 +1,6 @@
 import torch
 
-from mace_core.closed_form import Moments, apply_transform, refine_transform
+from mace_core.closed_form import Moments, apply_transform, preserve_scale, refine_transform
 
 
 def _data(n=400, d=24, seed=0):
@@ -55,12 +55,9 @@ def test_the_preserve_list_weighs_as_the_papers_configs_weigh_it():
     """The paper's celebrity configs (one domain cache) set preserve_weight 8e3, 5e4, 8e4 and 2e5 at 1, 5, 10 and
     100 erased. The concepts' own statistics grow in proportion to the count, so what is left for the rule is the
     weight per erased concept relative to ten's: 1 up to ten, then 2e5 / 100 against 8e4 / 10 at a hundred."""
-    from mace_core.closed_form import preserve_scale
-
     assert [preserve_scale(n) for n in (1, 5, 10)] == [1.0, 1.0, 1.0]
     assert abs(preserve_scale(100) - (2e5 / 100) / (8e4 / 10)) < 1e-3
     assert abs(100 * preserve_scale(100) / (10 * preserve_scale(10)) - 2e5 / 8e4) < 1e-9
     steps = [preserve_scale(n) for n in (10, 11, 25, 50, 100, 1000)]
     assert all(a > b for a, b in zip(steps, steps[1:]))
     assert all(n * preserve_scale(n) < (n + 1) * preserve_scale(n + 1) for n in range(1, 300))  # the weight still grows
-

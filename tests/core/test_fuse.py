@@ -5,11 +5,12 @@ import zlib
 import pytest
 import torch
 
-from mace_core.closed_form import ridge_scale
-from mace_core.concepts import TEMPLATES
+from mace_core.closed_form import preserve_scale, refine_transform, ridge_scale
+from mace_core.concepts import TEMPLATES, Concept
 from mace_core.errors import MaceInputError
 from mace_core.fuse import fuse, naive_sum
 from mace_core.lora_bundle import ConceptLoRA
+from mace_core.refine import edit_moments, preserve_moment, refinement_transform
 
 
 class HashEncoder:
@@ -176,7 +177,6 @@ def test_bad_bundles_are_refused():
 
 def test_preserved_names_are_protected_in_every_erased_type_and_their_own():
     from mace_core.concepts import Preserved
-    from mace_core.refine import preserve_moment
 
     enc = HashEncoder()
     both = preserve_moment(["Ann Lee"], ["celebrity", "style", "celebrity"], enc)
@@ -252,8 +252,6 @@ def test_weight_deltas_join_only_where_they_touch_different_weights():
 def test_a_long_list_weighs_the_preserved_concepts_by_the_papers_rule():
     """Past ten LoRAs the preserve list weighs preserve_scale(n) of its strength (closed_form.preserve_scale); up to
     ten, its strength as given."""
-    from mace_core.closed_form import preserve_scale
-
     shapes, w0, wp = setup(seed=4)
     enc = HashEncoder()
     names = [f"Person {chr(65 + i)} Name" for i in range(12)]
@@ -273,10 +271,6 @@ def test_a_long_list_weighs_the_preserved_concepts_by_the_papers_rule():
 
 
 def test_refinement_applies_the_rule_to_the_preserve_list_only():
-    from mace_core.closed_form import preserve_scale, refine_transform
-    from mace_core.concepts import Concept
-    from mace_core.refine import edit_moments, preserve_moment, refinement_transform
-
     enc = HashEncoder()
     concepts = [Concept(f"Person {chr(65 + i)} Name", "a person", "celebrity") for i in range(12)]
     prior = torch.eye(enc.dim, dtype=torch.float64) / enc.dim

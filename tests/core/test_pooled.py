@@ -5,8 +5,9 @@ import zlib
 import pytest
 import torch
 
+from mace_core.closed_form import preserve_scale, refine_transform
 from mace_core.concepts import Concept
-from mace_core.pooled import pooled_delta, pooled_transform, preserved_prompts
+from mace_core.pooled import mean_moment, pooled_delta, pooled_moments, pooled_transform, preserved_prompts
 
 D = 64
 
@@ -72,9 +73,6 @@ def test_preserved_concepts_are_held_too():
 
 def test_a_long_list_weighs_the_preserved_concepts_by_the_papers_rule():
     """The pooled edit weighs the preserve list as refine and fuse do: preserve_scale of the number of concepts."""
-    from mace_core.closed_form import preserve_scale, refine_transform
-    from mace_core.pooled import mean_moment, pooled_moments
-
     enc = _encoder(3)
     concepts = [Concept(f"Person {chr(65 + i)} Name", "a person", "celebrity") for i in range(12)]
     kept = preserved_prompts(["Ann Lee"], ["celebrity"])
