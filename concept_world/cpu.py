@@ -45,4 +45,7 @@ def autocast():
 
 
 def describe() -> str:
-    return "bf16 autocast (native bf16)" if native_bf16() else "float32 (no native bf16 on this CPU)"
+    forced = os.environ.get("MACE_CPU_BF16") in ("0", "1")
+    if native_bf16():
+        return "bf16 autocast (MACE_CPU_BF16=1)" if forced else "bf16 autocast (native bf16)"
+    return "float32 (MACE_CPU_BF16=0)" if forced else "float32 (no native bf16 on this CPU)"

@@ -16,6 +16,7 @@ cpu = importlib.util.module_from_spec(spec); spec.loader.exec_module(cpu)
 with cpu.autocast():
     y = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
 print(cpu.native_bf16(), y.dtype)
+print(cpu.describe())
 """
 
 
@@ -24,20 +25,23 @@ def probe(**env):
 
     full = {k: v for k, v in os.environ.items() if k not in ("MACE_CPU_BF16", "ATEN_CPU_CAPABILITY")} | env
     out = subprocess.run([sys.executable, "-c", PROBE], env=full, capture_output=True, text=True, check=True)
-    return out.stdout.split()
+    first, reason = out.stdout.splitlines()
+    return first.split() + [reason]
 
 
 def test_avx2_kernels_train_in_float32():
-    assert probe(ATEN_CPU_CAPABILITY="avx2") == ["False", "torch.float32"]
+    assert probe(ATEN_CPU_CAPABILITY="avx2") == ["False", "torch.float32", "float32 (no native bf16 on this CPU)"]
 
 
 def test_override_forces_either_way():
-    assert probe(MACE_CPU_BF16="0") == ["False", "torch.float32"]
-    assert probe(MACE_CPU_BF16="1") == ["True", "torch.bfloat16"]
+    # the training log says why: a forced float32 on a bf16 machine must not read as "no native bf16"
+    assert probe(MACE_CPU_BF16="0") == ["False", "torch.float32", "float32 (MACE_CPU_BF16=0)"]
+    assert probe(MACE_CPU_BF16="1") == ["True", "torch.bfloat16", "bf16 autocast (MACE_CPU_BF16=1)"]
 
 
 def test_default_follows_the_hardware():
     has = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or
                getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     has = has and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
-    assert probe() == [str(has), "torch.bfloat16" if has else "torch.float32"]
+    assert probe() == [str(has), "torch.bfloat16" if has else "torch.float32",
+                       "bf16 autocast (native bf16)" if has else "float32 (no native bf16 on this CPU)"]
