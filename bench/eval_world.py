@@ -68,7 +68,7 @@ def run(mods, world, n, args):
         settings = ee.Settings(steps=args.steps, lr=args.lr, images=args.images, strength=args.strength,
                                lam=args.lam, preserve=args.preserve,
                                preservation_target=args.preservation_target,
-                               edit_pooled=edit_pooled)
+                               edit_pooled=edit_pooled, refine_strength=args.refine_strength)
         # without pooled editing the no-refine ablation is the same either way: run it once
         pipelines = ee.PIPELINES if edit_pooled is not True or len(pooled) == 1 else ee.PIPELINES[1:4]
         pipelines = tuple(p for p in pipelines if p in chosen(ee, args))
@@ -380,6 +380,9 @@ def main():
     ap.add_argument("--preservation-target", default="input", choices=["input", "original"],
                     help="Fuse: hold generic prompts and preserved concepts to the refined input or the original "
                          "model")
+    ap.add_argument("--refine-strength", type=float, default=None,
+                    help="Refine's preservation_strength, when it should differ from Fuse's --strength (the paper's "
+                         "code: 1e-4 of it, with --preservation-target original)")
     ap.add_argument("--suffix", default="", help="written as eval_world<suffix>.md / .json")
     ap.add_argument("--family", default="sd15", choices=["sd15", "sdxl"],
                     help="the world's architecture (sdxl: CLIP-L + CLIP-G, pooled vector, size conditioning)")

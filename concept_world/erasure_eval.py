@@ -45,6 +45,10 @@ class Settings:
     seed: int = 0
     preservation_target: str = "input"  # Fuse: hold generic prompts to the refined input or the original model (paper)
     edit_pooled: bool | None = None  # Refine: also edit SDXL's pooled-vector road (None: the node's default)
+    # Refine's preservation_strength when it differs from Fuse's (None: `strength` for both, as the nodes default).
+    # The paper's code scales refinement's kept and generic terms twice (1e-4 x 1e-4) and fusion's once: 1e-4 here
+    # with `preservation_target` "original" is that split, measured as an ablation (docs/mass_world.md)
+    refine_strength: float | None = None
 
 
 def concept_lines(names, sp) -> str:
@@ -122,7 +126,8 @@ def erase(world, erased, settings: Settings = Settings(), pipelines=PIPELINES, t
         if {REFINE, SUMMED, MACE} & set(pipelines):
             pooled = {} if s.edit_pooled is None else {"edit_pooled": s.edit_pooled}
             refined = timed("refine", refine.refine_model, base, clip, lines, "object", preserve=preserve,
-                            preservation_strength=s.strength, lambda_=s.lam, **pooled)
+                            preservation_strength=s.strength if s.refine_strength is None else s.refine_strength,
+                            lambda_=s.lam, **pooled)
             out[REFINE] = refined
             if {SUMMED, MACE} & set(pipelines):
                 bundle, out[SUMMED], _ = timed("train", train.train_concept_loras, refined, clip, lines, "object",
