@@ -240,3 +240,26 @@ def test_the_bench_splits_kept_losses_by_the_erased_neighbours_that_share_a_part
     assert cells[0] == f"{3 / (6 * kept_with[0]):.2f} ({kept_with[0]})"
     assert cells[k] == f"{6 / (6 * kept_with[k]):.2f} ({kept_with[k]})"
     assert k > 0 and sum(kept_with) == len(MASS.CONCEPTS) - 10
+
+
+def test_the_bench_s_refine_strength_weighs_refine_s_preserve_list_alone(mass_smoke_world):
+    """eval_world --refine-strength (the paper's code's split: refinement's kept list at 1e-4 of fusion's) reaches
+    Refine as its preservation_strength, and only Refine: without it both stages get `strength`."""
+    ee = pack_import("concept_world.erasure_eval")
+    host = pack_import("nodes.host")
+    refine = pack_import("nodes.refine")
+    world, erased = mass_smoke_world, list(MASS.ORDER[:3])
+    keys = host.cross_attention_keys(world.model, world.clip)
+    preserve = "\n".join(c.name for c in MASS.CONCEPTS if c.name not in erased)
+
+    def refined(**settings):
+        m = ee.erase(world, erased, ee.Settings(**settings), pipelines=(ee.REFINE,))[ee.REFINE]
+        return host.mace_deltas(m, keys)
+
+    with torch.inference_mode():
+        split, default = refined(refine_strength=0.0), refined()
+        alone = host.mace_deltas(refine.refine_model(world.model, world.clip, ee.concept_lines(erased, MASS),
+                                                     "object", preserve=preserve, preservation_strength=0.0), keys)
+    assert all(torch.equal(split[k], alone[k]) for k in keys)
+    # the kept list changes what refinement does (else the split would measure nothing)
+    assert max(float((split[k] - default[k]).abs().max()) for k in keys) > 1e-3
