@@ -244,7 +244,7 @@ def test_the_bench_splits_kept_losses_by_the_erased_neighbours_that_share_a_part
 
 def test_the_bench_s_refine_strength_weighs_refine_s_preserve_list_alone(mass_smoke_world):
     """eval_world --refine-strength (the paper's code's split: refinement's kept list at 1e-4 of fusion's) reaches
-    Refine as its preservation_strength, and only Refine: without it both stages get `strength`."""
+    Refine as its preservation_strength; left unset, Refine gets `strength` as Fuse always does."""
     ee = pack_import("concept_world.erasure_eval")
     host = pack_import("nodes.host")
     refine = pack_import("nodes.refine")
