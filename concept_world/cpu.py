@@ -14,13 +14,18 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def _forced() -> bool | None:
+    """MACE_CPU_BF16=1 / 0 (bf16 / float32 whatever the CPU), or None: follow the hardware."""
+    return {"0": False, "1": True}.get(os.environ.get("MACE_CPU_BF16", ""))
+
+
 @functools.cache
 def native_bf16() -> bool:
     """True where torch reports bf16 instructions (AVX-512 BF16 or AMX). MACE_CPU_BF16=0/1 overrides, to measure
     the float32 path on a bf16 machine."""
-    forced = os.environ.get("MACE_CPU_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = _forced()
+    if forced is not None:
+        return forced
     try:  # kernels limited to AVX2 (ATEN_CPU_CAPABILITY=avx2, or the hardware) run bf16 emulated
         if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
             return False
@@ -45,7 +50,7 @@ def autocast():
 
 
 def describe() -> str:
-    forced = os.environ.get("MACE_CPU_BF16") in ("0", "1")
-    if native_bf16():
-        return "bf16 autocast (MACE_CPU_BF16=1)" if forced else "bf16 autocast (native bf16)"
-    return "float32 (MACE_CPU_BF16=0)" if forced else "float32 (no native bf16 on this CPU)"
+    what = "bf16 autocast" if native_bf16() else "float32"
+    if _forced() is not None:  # the log must not blame the CPU for a precision that was asked for
+        return f"{what} (MACE_CPU_BF16={int(native_bf16())})"
+    return f"{what} (native bf16)" if native_bf16() else f"{what} (no native bf16 on this CPU)"
