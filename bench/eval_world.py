@@ -373,7 +373,8 @@ def main():
                     help="do not list the concepts not erased in `preserve` (the generic prior still applies)")
     ap.add_argument("--world-path", default=None, help="a saved world file (default: the cached world of --world-seed)")
     ap.add_argument("--text-width", type=int, default=None,
-                    help="a world with wider text features (a multiple of 32; default 64), trained once and cached")
+                    help="a world with other text features' width (a multiple of 32; default: the preset's, 64 for the "
+                         "standard world, 128 for mass and mosaic), trained once and cached")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-grid", dest="grid", action="store_false",
                     help="do not write the before/after picture docs/world_erasure_grid<suffix>.png")
@@ -415,8 +416,8 @@ def main():
     if len(world_seeds) > 1 and args.world_path:
         ap.error("--world-seeds measures the cached worlds of those seeds, not --world-path")
     preset, default_counts = WORLDS[args.world]
-    if args.world != "standard" and (args.family != "sd15" or args.text_width):
-        ap.error(f"--world {args.world} is measured in the SD1.5 architecture at the default width")
+    if args.world != "standard" and args.family != "sd15":
+        ap.error(f"--world {args.world} is measured in the SD1.5 architecture")
     counts = [int(c) for c in (args.counts or default_counts).split(",")]
     per_world, stage_times, spans = {}, {}, {}
     for ws in world_seeds:
