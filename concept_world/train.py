@@ -37,7 +37,8 @@ class Preset:
         return named(self.world)
 
 
-MASS_TEXT_WIDTH = 128
+MASS_TEXT_WIDTH = 256
+MOSAIC_TEXT_WIDTH = 128  # the mosaic world is measured at 128 wide (docs/mosaic_world.md); 256 is not measured there
 # what a saved world's recipe must match to load as today's (world.load); eval_renders only measures the classifier
 RECIPE_KEYS = ("ae_steps", "ae_batch", "diff_steps", "diff_batch", "cls_steps", "cls_batch", "recon_pool", "lr")
 PRESETS = {
@@ -47,19 +48,22 @@ PRESETS = {
     "smoke": Preset("smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3, cls_batch=8,
                     recon_pool=8, eval_renders=1),
     # the mass world (mass.py, 126 concepts). Its classifier tells 127 classes apart, which takes 5x the standard
-    # world's steps (300 steps: 59 % held out on renders, 1500: 99.6 %, measured). Its text is 128 wide, more than it
-    # has concepts, as CLIP-L's 768 are more than the paper's 200 celebrities: at 64 every erased concept's features
-    # lay inside the span of the kept ones', so no linear edit could move one and hold the rest (docs/mass_world.md).
-    # 3000 diffusion steps keep its training under 30 minutes on one thread without bf16 (4000 at 128 wide: 34 min)
-    "mass": Preset("mass", ae_steps=300, ae_batch=32, diff_steps=3000, diff_batch=64, cls_steps=1500, cls_batch=64,
+    # world's steps (300 steps: 59 % held out on renders, 1500: 99.6 %, measured). Its text is 256 wide, twice as many
+    # as it has concepts, as CLIP-L's 768 are 3.8x the paper's 200 celebrities: at 64 every erased concept's features
+    # lay inside the span of the kept ones', so no linear edit could move one and hold the rest, and at 128 erasing
+    # 50 lost about half the kept people and styles to their erased neighbours (docs/mass_world.md). A diffusion step
+    # at 256 wide takes 0.70 s on one thread without bf16 (128 wide: 0.43 s), so 2000 steps keep training under 30
+    # minutes
+    "mass": Preset("mass", ae_steps=300, ae_batch=32, diff_steps=2000, diff_batch=64, cls_steps=1500, cls_batch=64,
                    recon_pool=1536, eval_renders=4, world="mass", text_width=MASS_TEXT_WIDTH),
     "mass_smoke": Preset("mass_smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3, cls_batch=8,
                          recon_pool=8, eval_renders=1, world="mass", text_width=MASS_TEXT_WIDTH),
-    # the mass world's concepts drawn as codes of many parts (mosaic.py), on the mass world's recipe unchanged
+    # the mass world's concepts drawn as codes of many parts (mosaic.py), on the mass world's recipe before it widened
+    # (3000 diffusion steps, text 128 wide)
     "mosaic": Preset("mosaic", ae_steps=300, ae_batch=32, diff_steps=3000, diff_batch=64, cls_steps=1500, cls_batch=64,
-                     recon_pool=1536, eval_renders=4, world="mosaic", text_width=MASS_TEXT_WIDTH),
+                     recon_pool=1536, eval_renders=4, world="mosaic", text_width=MOSAIC_TEXT_WIDTH),
     "mosaic_smoke": Preset("mosaic_smoke", ae_steps=2, ae_batch=4, diff_steps=3, diff_batch=8, cls_steps=3,
-                           cls_batch=8, recon_pool=8, eval_renders=1, world="mosaic", text_width=MASS_TEXT_WIDTH),
+                           cls_batch=8, recon_pool=8, eval_renders=1, world="mosaic", text_width=MOSAIC_TEXT_WIDTH),
 }
 
 UNCOND_P = 0.1  # prompt dropout to "" so classifier-free guidance works
@@ -406,7 +410,9 @@ def train_world(seed: int, preset: Preset, configs: tuple[dict, dict] | None = N
 
 def _train_world(seed, preset, configs):
     hooks = _Hooks(preset.ae_steps + preset.diff_steps + preset.cls_steps)
-    metrics = {"preset": asdict(preset), "seed": seed}
+    # the width actually trained (a caller's configs may override the preset's, as eval_world --text-width does)
+    width = configs[1].get("hidden_size", preset.text_width)
+    metrics = {"preset": dict(asdict(preset), text_width=width), "seed": seed}
     t_all, cpu_all = time.perf_counter(), time.process_time()
 
     t0 = time.perf_counter()

@@ -180,7 +180,7 @@ def load_or_train(seed: int = 0, preset: str = "full", cache_dir=None, evaluate=
     """The world for a seed: loaded from <models>/mace_world/ when there, else trained (minutes) and saved.
 
     preset "full" is the real world; "smoke" trains for seconds and only proves the plumbing; "mass" is the world of
-    126 concepts (mass.py, about 27 minutes of training on one CPU thread) and "mass_smoke" its smoke version. cache_dir
+    126 concepts (mass.py, about 29 minutes of training on one CPU thread) and "mass_smoke" its smoke version. cache_dir
     overrides the folder (tests use a temporary one for smoke worlds). evaluate (default: full preset only)
     measures how often the trained model draws the right concept and stores it in world.metrics. text_width (default:
     the preset's, else nets.TEXT_WIDTH, 64) sets the text encoder's and the UNet's context width, to see what the

@@ -43,9 +43,10 @@ class MACEConceptWorld(io.ComfyNode):
                                tooltip="Which world: the standard one of 20 concepts, or the mass world of 126 "
                                        "(names such as 'Thafan Rirkrudes' or 'nasster style'; the list is in "
                                        "concept_world/mass.py), where tens of concepts can be erased at once. The "
-                                       "mass world trains once (about 27 minutes on a CPU) and is saved on its own. "
-                                       "mosaic: 126 other concepts (concept_world/mosaic.py), each a grid of colour "
-                                       "cells, which share fewer of their parts; it trains as the mass world does."),
+                                       "mass world trains once (about 29 minutes on one CPU thread) and is saved on "
+                                       "its own. mosaic: 126 other concepts (concept_world/mosaic.py), each a grid "
+                                       "of colour cells, which share fewer of their parts; it also trains once "
+                                       "(about 27 minutes)."),
             ],
             outputs=[
                 io.Model.Output(tooltip="The world's SD1.5- or SDXL-architecture UNet (64x64 images, 8x8 latents)."),

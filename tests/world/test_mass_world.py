@@ -75,8 +75,9 @@ def test_a_mass_smoke_world_trains_saves_and_loads_with_its_concepts(cw, mass_sm
     assert meta["world"] == "mass" and len(meta["spec"]["concepts"]) == len(MASS.CONCEPTS)
     # its text is wider than it has concepts (train.MASS_TEXT_WIDTH), and the file name says so
     width = meta["clip_config"]["hidden_size"]
-    assert width == meta["unet_config"]["context_dim"] == 128 > len(MASS.CONCEPTS) and "_text128_" in world.path
-    assert groups["unet"]["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1] == 128
+    assert width == meta["unet_config"]["context_dim"] == 256 > len(MASS.CONCEPTS) and "_text256_" in world.path
+    assert meta["metrics"]["preset"]["text_width"] == 256
+    assert groups["unet"]["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape[1] == 256
     assert groups["classifier"]["head.weight"].shape[0] == len(MASS.CLASS_NAMES)
     again = cw.load(world.path)
     assert again.spec is MASS

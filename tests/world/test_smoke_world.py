@@ -117,6 +117,7 @@ def test_a_wider_world_carries_its_width(cw, tmp_path):
     and described by its width, and loading it by path alone rebuilds the same networks."""
     world = cw.load_or_train(seed=3, preset="smoke", cache_dir=tmp_path, text_width=96)
     assert world.path.endswith("_smoke_text96_seed3.safetensors")
+    assert world.metrics["preset"]["text_width"] == 96  # the width trained, not the preset's
     with torch.no_grad():
         ctx = world.clip.encode_from_tokens(world.clip.tokenize("a photo of red lantern"))
     assert ctx.shape == (1, 77, 96)
