@@ -373,8 +373,8 @@ def main():
                     help="do not list the concepts not erased in `preserve` (the generic prior still applies)")
     ap.add_argument("--world-path", default=None, help="a saved world file (default: the cached world of --world-seed)")
     ap.add_argument("--text-width", type=int, default=None,
-                    help="a world with other text features' width (a multiple of 32; default: the preset's, 64 for the "
-                         "standard world, 128 for mass and mosaic), trained once and cached")
+                    help="a world with other text features' width (a multiple of 32; default: the world's preset's, "
+                         "concept_world/train.py PRESETS), trained once and cached")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-grid", dest="grid", action="store_false",
                     help="do not write the before/after picture docs/world_erasure_grid<suffix>.png")
