@@ -34,11 +34,33 @@ log = logging.getLogger("MACE")
 _BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 _WHERE = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 
-# Images made for training when no latents are given: a short, plain sampler run, as a KSampler with defaults would.
+# How Train makes its images when no latents are given (its image_* inputs' defaults): KSampler's steps, sampler and
+# scheduler, at a guidance usual for Stable Diffusion checkpoints. The paper made its images with 30 DPM-Solver++
+# steps at guidance 7.5 (docs/method.md says why these stay). Changing a default changes every concept's data:
+# bump train.RESUME_VERSION with it.
 GEN_STEPS = 20
 GEN_CFG = 7.0
 GEN_SAMPLER = "euler"
 GEN_SCHEDULER = "normal"
+# Samplers that draw no noise of their own and treat every sample alone, so a batch of several concepts' images gives
+# each the images it gets alone. Any other sampler (ancestral, SDE, LCM, adaptive steps) samples one concept at a time.
+BATCHABLE_SAMPLERS = frozenset({
+    "euler", "euler_cfg_pp", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_cfg_pp", "ipndm", "ipndm_v",
+    "deis", "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "uni_pc",
+    "uni_pc_bh2", "ddim",
+})
+
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """The sampler run that makes Train's images: KSampler's settings, Train's image_* inputs."""
+    steps: int = GEN_STEPS
+    cfg: float = GEN_CFG
+    sampler: str = GEN_SAMPLER
+    scheduler: str = GEN_SCHEDULER
+
+    def batchable(self) -> bool:
+        return self.sampler in BATCHABLE_SAMPLERS
 DATA_TEMPLATE = {"style": "a painting in the style of {}"}  # every other concept type: "a photo of {}"
 MASK_TIMESTEPS = (300, 500, 700)  # where layout is settled but the image is still noisy enough to be attended
 
@@ -306,11 +328,12 @@ def default_image_size(model) -> int:
     return host.default_image_size(model)
 
 
-def generate_latents(model, clip, text: str, count: int, size: int, seed: int, on_step=None) -> torch.Tensor:
+def generate_latents(model, clip, text: str, count: int, size: int, seed: int, on_step=None,
+                     sampling: ImageSampling = ImageSampling()) -> torch.Tensor:
     """`count` images of `text` made with the incoming model through ComfyUI's KSampler machinery (seeded, CFG
-    against the empty prompt); returns LATENT samples as a KSampler would output them. `on_step()` is called after
-    each of the GEN_STEPS sampler steps (progress; it may raise to cancel)."""
-    return generate_latents_batch(model, clip, [text], count, size, [seed], on_step)[0]
+    against the empty prompt); returns LATENT samples as a KSampler would output them. `on_step(1)` is called after
+    each of the sampler's steps (progress; it may raise to cancel)."""
+    return generate_latents_batch(model, clip, [text], count, size, [seed], on_step, sampling)[0]
 
 
 def _batched_positive(clip, texts: list[str], count: int):
@@ -329,25 +352,33 @@ def _batched_positive(clip, texts: list[str], count: int):
 
 
 def generate_latents_batch(model, clip, texts: list[str], count: int, size: int, seeds: list[int],
-                           on_step=None) -> list[torch.Tensor]:
+                           on_step=None, sampling: ImageSampling = ImageSampling()) -> list[torch.Tensor]:
     """`count` images of each text in one sampler run; text i's images are those generate_latents(text i, seed i)
     makes alone: its noise is drawn from its own seed (comfy.sample.prepare_noise seeds one generator per batch, so
-    the batch's noise is built per text), and every sample carries its own text's cond. `on_step()` is called once
-    per sampler step of the whole batch. Returns one LATENT samples tensor (count, c, h, w) per text."""
+    the batch's noise is built per text), and every sample carries its own text's cond. `on_step(texts)` is called
+    after each sampler step with the number of texts that step served (all of them in one run; 1 where the texts run
+    one at a time), so a progress count of texts x steps ends full either way. Returns one LATENT samples tensor
+    (count, c, h, w) per text. A sampler that draws noise as it goes (not sampling.batchable()) runs one text at a
+    time, from that text's seed."""
+    if len(texts) > 1 and not sampling.batchable():
+        return [generate_latents_batch(model, clip, [t], count, size, [s], on_step, sampling)[0]
+                for t, s in zip(texts, seeds)]
     ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
     empty = torch.zeros([count, 4, size // ratio, size // ratio])
     latent = comfy.sample.fix_empty_latent_channels(model, empty)
     positive = _batched_positive(clip, texts, count) if len(texts) > 1 else \
         clip.encode_from_tokens_scheduled(clip.tokenize(texts[0], disable_weights=True))
     if positive is None:
-        return [generate_latents_batch(model, clip, [t], count, size, [s], on_step)[0] for t, s in zip(texts, seeds)]
+        return [generate_latents_batch(model, clip, [t], count, size, [s], on_step, sampling)[0]
+                for t, s in zip(texts, seeds)]
     negative = clip.encode_from_tokens_scheduled(clip.tokenize("", disable_weights=True))
     noise = torch.cat([comfy.sample.prepare_noise(latent, s) for s in seeds])
     batch = latent.repeat_interleave(len(texts), 0) if len(texts) > 1 else latent
-    step = on_step or host.check_cancel
-    # the sampler's own seed only feeds ancestral/SDE noise, which GEN_SAMPLER (euler) never draws
-    out = comfy.sample.sample(model, noise, GEN_STEPS, GEN_CFG, GEN_SAMPLER, GEN_SCHEDULER, positive, negative,
-                              batch, seed=seeds[0], disable_pbar=True, callback=lambda *a: step())
+    step = on_step or (lambda _: host.check_cancel())
+    # the sampler's own seed feeds only the noise a sampler draws as it goes: a batch of several texts never has any
+    out = comfy.sample.sample(model, noise, sampling.steps, sampling.cfg, sampling.sampler, sampling.scheduler,
+                              positive, negative, batch, seed=seeds[0], disable_pbar=True,
+                              callback=lambda *a: step(len(texts)))
     return list(out.split(count))
 
 

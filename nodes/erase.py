@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..mace_core.errors import MaceInputError
 from ..mace_core.train import PER_TYPE, concept_settings
-from . import attention, fuse, host, inputs, refine, sampling, train
+from . import fuse, host, inputs, refine, sampling, train
 from .inputs import concept_list_input, stage_list
 
 log = logging.getLogger("MACE")
@@ -49,6 +49,8 @@ class MACEErase(io.ComfyNode):
                                      "step; the same seed gives the same erased model. Not used by quick mode."),
                 inputs.concept_file_input(),
                 concept_list_input(),
+                # new inputs go last: saved workflows keep their widget order and their links
+                *sampling.image_sampling_inputs("Not used by quick mode."),
             ],
             outputs=[io.Model.Output(tooltip="The erased model, ready for KSampler, MACE Erasure Check or MACE Save "
                                              "Erasure.")],
@@ -60,9 +62,11 @@ class MACEErase(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, mode, preserve, preservation_strength, lambda_,
-                seed, concept_file="", concept_list=None):
+                seed, concept_file="", concept_list=None, image_steps=None, image_cfg=None, image_sampler=None,
+                image_scheduler=None):
         return io.NodeOutput(erase_model(model, clip, concepts, concept_type, anchor, mode, preserve,
-                                         preservation_strength, lambda_, seed, concept_file or "", concept_list))
+                                         preservation_strength, lambda_, seed, concept_file or "", concept_list,
+                                         image_steps, image_cfg, image_sampler, image_scheduler))
 
 
 class StageProgress:
@@ -116,11 +120,16 @@ def _record(model, items):
 
 
 def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode=FULL, preserve="",
-                preservation_strength=1.0, lambda_=0.01, seed=0, concept_file="", concept_list=None):
+                preservation_strength=1.0, lambda_=0.01, seed=0, concept_file="", concept_list=None,
+                image_steps=None, image_cfg=None, image_sampler=None, image_scheduler=None):
     """quick: refine_model. full: refine, train on the refined model with images and masks from the original model
-    (at the model's usual picture size), fuse onto the refined model: as the separate nodes with their defaults. Every
-    stage returns a clone, so the input MODEL is never changed, whatever stage a cancel or an error stops."""
+    (at the model's usual picture size, made as the image_* settings say), fuse onto the refined model: as the
+    separate nodes with their defaults. Every stage returns a clone, so the input MODEL is never changed, whatever
+    stage a cancel or an error stops."""
     _check_mode(mode)
+    images = sampling.image_sampling_args(image_steps, image_cfg, image_sampler, image_scheduler)
+    if mode == FULL:  # before any stage runs: nothing is half-done when a setting is wrong
+        sampling.check_sampler(*images.values(), sampling.IMAGE_SAMPLING_INPUTS)
     # bad lists fail before any work; every stage then reads this one list (its boxes are not passed on)
     cl = stage_list(concept_list, "MACE Erase", concepts, concept_type, anchor, concept_file, preserve)
     items = list(cl.concepts)
@@ -131,7 +140,7 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
         units = [refine.progress_units(n, kept)]
     else:
         per = [concept_settings(c.concept_type, PER_TYPE) for c in items]
-        units = [refine.progress_units(n, kept), sum(p.steps + attention.GEN_STEPS + 1 for p in per),
+        units = [refine.progress_units(n, kept), sum(p.steps + images["image_steps"] + 1 for p in per),
                  fuse.progress_units(n, kept, preservation_strength)]
     with StageProgress(units) as bar:
         bar.next()
@@ -143,7 +152,7 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
             return refined
         bar.next()
         req = train.TrainRequest(concept_type=cl.concept_type, seed=seed, image_size=sampling.native_size(model),
-                                 image_model=model, concept_list=cl)
+                                 image_model=model, concept_list=cl, **images)
         bundle, _, _ = train.train_loras(refined, clip, req)
         bar.next()
         out = fuse.fuse_model(refined, clip, bundle, "", preservation_strength, lambda_, concept_list=cl)

@@ -15,12 +15,13 @@ from ..mace_core.errors import MaceInputError
 from . import attention, host
 
 DEFAULT_CFG = 7.0
+MAX_STEPS = 200
 
 
 def sampler_inputs(size_tooltip_extra: str = "") -> list:
     """steps, cfg, sampler_name, scheduler and image_size, as KSampler names them."""
     return [
-        io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps of every picture."),
+        io.Int.Input("steps", default=20, min=1, max=MAX_STEPS, tooltip="Sampler steps of every picture."),
         io.Float.Input("cfg", default=DEFAULT_CFG, min=0.0, max=30.0, step=0.1, round=0.01,
                        tooltip="Classifier-free guidance scale, as in KSampler: about 7 for Stable Diffusion "
                                "checkpoints; the MACE Concept World is made for 3 (it oversaturates at 7)."),
@@ -52,15 +53,51 @@ def latent_ratio(model) -> int:
     return int(getattr(model.model.latent_format, "spacial_downscale_ratio", 8))
 
 
-def check_sampler(steps, cfg, sampler_name, scheduler):
+SAMPLER_INPUTS = ("steps", "cfg", "sampler_name", "scheduler")
+IMAGE_SAMPLING_INPUTS = ("image_steps", "image_cfg", "image_sampler", "image_scheduler")  # Train's, for its images
+
+
+def check_sampler(steps, cfg, sampler_name, scheduler, names=SAMPLER_INPUTS):
+    """The four sampler settings, each error naming its input (`names`, in the arguments' order)."""
     if steps < 1:
-        raise MaceInputError("steps", f"must be at least 1, got {steps}.")
+        raise MaceInputError(names[0], f"must be at least 1, got {steps}.")
     if cfg < 0:
-        raise MaceInputError("cfg", f"must not be negative, got {cfg}.")
+        raise MaceInputError(names[1], f"must not be negative, got {cfg}.")
     if sampler_name not in comfy.samplers.KSampler.SAMPLERS:
-        raise MaceInputError("sampler_name", f"unknown sampler '{sampler_name}'.")
+        raise MaceInputError(names[2], f"unknown sampler '{sampler_name}'.", "Pick one KSampler offers.")
     if scheduler not in comfy.samplers.KSampler.SCHEDULERS:
-        raise MaceInputError("scheduler", f"unknown scheduler '{scheduler}'.")
+        raise MaceInputError(names[3], f"unknown scheduler '{scheduler}'.", "Pick one KSampler offers.")
+
+
+def image_sampling_inputs(unused: str) -> list:
+    """Train's settings for the images it makes when no latents are given, as KSampler names them, prefixed; `unused`
+    ends each tooltip: when the node does not make images."""
+    d = attention.ImageSampling()
+    return [
+        io.Int.Input("image_steps", default=d.steps, min=1, max=MAX_STEPS, optional=True,
+                     tooltip=f"Sampler steps of each generated training image (the paper: 30). {unused}"),
+        io.Float.Input("image_cfg", default=d.cfg, min=0.0, max=30.0, step=0.1, round=0.01, optional=True,
+                       tooltip="Classifier-free guidance of the generated training images, as in KSampler (the "
+                               "paper: 7.5). About 7 for Stable Diffusion checkpoints; 1-2 for Turbo, Lightning and "
+                               f"LCM models; 3 for the MACE Concept World. {unused}"),
+        io.Combo.Input("image_sampler", options=list(comfy.samplers.KSampler.SAMPLERS), default=d.sampler,
+                       optional=True,
+                       tooltip="The sampler of the generated training images, as in KSampler (the paper: "
+                               "DPM-Solver++, here dpmpp_2m). One that adds noise as it goes (ancestral, SDE, lcm) "
+                               "makes each concept's images on their own, so they never depend on the batch. "
+                               + unused),
+        io.Combo.Input("image_scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default=d.scheduler,
+                       optional=True,
+                       tooltip=f"The noise schedule of the generated training images, as in KSampler. {unused}"),
+    ]
+
+
+def image_sampling_args(steps=None, cfg=None, sampler=None, scheduler=None) -> dict:
+    """Train's image_* inputs as TrainRequest fields; None (an API graph leaving an optional input out, or a caller
+    that does not set it) is the input's default."""
+    d = attention.ImageSampling()
+    return {"image_steps": d.steps if steps is None else steps, "image_cfg": d.cfg if cfg is None else cfg,
+            "image_sampler": sampler or d.sampler, "image_scheduler": scheduler or d.scheduler}
 
 
 def seed_noise(latent: torch.Tensor, seeds: list[int]) -> torch.Tensor:

@@ -50,6 +50,7 @@ from .inputs import (
     stage_list,
 )
 from .loras import inside, loras_root, slug
+from .sampling import IMAGE_SAMPLING_INPUTS, check_sampler, image_sampling_args, image_sampling_inputs
 
 log = logging.getLogger("MACE")
 
@@ -81,6 +82,13 @@ class TrainRequest:
     settings: str = PER_TYPE
     batch: int = 0
     concept_list: object = None  # a mace_core.concepts.ConceptList
+    image_steps: int = attention.GEN_STEPS
+    image_cfg: float = attention.GEN_CFG
+    image_sampler: str = attention.GEN_SAMPLER
+    image_scheduler: str = attention.GEN_SCHEDULER
+
+    def image_sampling(self) -> attention.ImageSampling:
+        return attention.ImageSampling(self.image_steps, self.image_cfg, self.image_sampler, self.image_scheduler)
 
 
 class MACETrainConceptLoRA(io.ComfyNode):
@@ -164,7 +172,9 @@ class MACETrainConceptLoRA(io.ComfyNode):
                                      "forward and backward pass for all of them). 0 = automatic: as many as the "
                                      f"free memory holds, up to {AUTO_BATCH_MAX}. The LoRAs are the same whatever "
                                      "the batch; a batch that does not fit is lowered, and the log says so."),
-                concept_list_input(),  # last: saved workflows keep their widget order
+                concept_list_input(),
+                # new inputs go last: saved workflows keep their widget order and their links
+                *image_sampling_inputs("Ignored when latents are connected."),
             ],
             outputs=[
                 MaceLoras.Output("loras", display_name="loras",
@@ -184,14 +194,16 @@ class MACETrainConceptLoRA(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, concepts, concept_type, anchor, steps, learning_rate, rank, seed,
                 timestep_sampling, images_per_concept, mask_source, latents=None, mask=None, image_size=0,
-                image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, batch=0, concept_list=None):
+                image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, batch=0, concept_list=None,
+                image_steps=None, image_cfg=None, image_sampler=None, image_scheduler=None):
         # an API graph may send None for an optional input: that input's default then
         req = TrainRequest(concepts=concepts, concept_type=concept_type, anchor=anchor, steps=steps,
                            learning_rate=learning_rate, rank=rank, seed=seed, timestep_sampling=timestep_sampling,
                            images_per_concept=images_per_concept, mask_source=mask_source, latents=latents,
                            mask=mask, image_size=image_size or 0, image_model=image_model,
                            concept_file=concept_file or "", resume_folder=resume_folder or "",
-                           settings=settings or PER_TYPE, batch=batch or 0, concept_list=concept_list)
+                           settings=settings or PER_TYPE, batch=batch or 0, concept_list=concept_list,
+                           **image_sampling_args(image_steps, image_cfg, image_sampler, image_scheduler))
         bundle, model_out, curves = train_loras(model, clip, req)
         return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
 
@@ -235,6 +247,8 @@ def _check_inputs(items, req: TrainRequest, model):
                                                          "order the concepts are listed.")
     elif req.images_per_concept < 1:
         raise MaceInputError("images_per_concept", f"must be at least 1, got {req.images_per_concept}.")
+    if samples is None:
+        check_sampler(req.image_steps, req.image_cfg, req.image_sampler, req.image_scheduler, IMAGE_SAMPLING_INPUTS)
     if req.image_size and req.image_size < 64:
         raise MaceInputError("image_size", f"must be 0 (automatic) or at least 64, got {req.image_size}.")
     if mask is not None:
@@ -271,7 +285,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, req: TrainRequest, pro
         else:
             texts = [attention.data_template(items[i]).format(items[i].name) for i in chunk]
             made = attention.generate_latents_batch(source, clip, texts, k, size, [seed + i for i in chunk],
-                                                    on_step=lambda: progress(n))
+                                                    on_step=progress, sampling=req.image_sampling())
             lats = dict(zip(chunk, made))
         masks = {}
         for i in chunk:
@@ -398,16 +412,17 @@ def _training_batch(tm, data: _ConceptData, up: dict, down: dict, asked: int, co
     return max(1, min(chosen, count))
 
 
-def _data_units(samples) -> int:
+def _data_units(samples, req: TrainRequest) -> int:
     """Progress units of one concept's data: each sampler step of its generated images, then its masks."""
-    return 1 if samples is not None else attention.GEN_STEPS + 1
+    return 1 if samples is not None else req.image_steps + 1
 
 
 def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DEFAULT_STEPS,
                         learning_rate=DEFAULT_LEARNING_RATE, rank=1, seed=0, timestep_sampling=DEFAULT_TIMESTEPS,
                         images_per_concept=8, mask_source="auto", latents=None, mask=None, image_size=0,
                         image_model=None, concept_file="", resume_folder="", settings=PER_TYPE, batch=0,
-                        concept_list=None):
+                        concept_list=None, image_steps=None, image_cfg=None, image_sampler=None,
+                        image_scheduler=None):
     """The Train node with its inputs one by one, as tests and benches call it: they become a TrainRequest for
     train_loras."""
     return train_loras(model, clip, TrainRequest(
@@ -415,7 +430,7 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
         rank=rank, seed=seed, timestep_sampling=timestep_sampling, images_per_concept=images_per_concept,
         mask_source=mask_source, latents=latents, mask=mask, image_size=image_size, image_model=image_model,
         concept_file=concept_file, resume_folder=resume_folder, settings=settings, batch=batch,
-        concept_list=concept_list))
+        concept_list=concept_list, **image_sampling_args(image_steps, image_cfg, image_sampler, image_scheduler)))
 
 
 def train_loras(model, clip, req: TrainRequest):
@@ -437,7 +452,7 @@ def train_loras(model, clip, req: TrainRequest):
     cfgs = [TrainConfig(steps=p.steps, learning_rate=p.learning_rate, seed=req.seed) for p in per]
     for c, p in zip(items, per):
         log.info("MACE train: '%s' (%s): %s", c.name, c.concept_type, p.describe())
-    units = _data_units(samples)
+    units = _data_units(samples, req)
     progress = host.Progress(sum(cfg.steps + units for cfg in cfgs))
     t0 = time.perf_counter()
     if req.image_model is not None:
@@ -560,6 +575,8 @@ class _Resume:
             run["data"] = {"images": req.images_per_concept,
                            "size": req.image_size or attention.default_image_size(model),
                            "source": _digest(host.current_weights(source, keys).values()) if image_model else "model"}
+            if req.image_sampling() != attention.ImageSampling():  # only then: files written before it still load
+                run["data"]["sampling"] = repr(req.image_sampling())
         self.run, self.samples, self.mask, self.mask_source = run, samples, mask, req.mask_source
         self.k = samples.shape[0] // len(items) if samples is not None else req.images_per_concept
         slugs = [slug(c.name) for c in items]

@@ -90,10 +90,15 @@ def test_node_and_every_stage_take_the_list_as_their_last_optional_input(pack):
     assert [i.id for i in s.inputs] == ["concepts", "concept_type", "anchor", "preserve", "prompts", "concept_file",
                                         "corpus_file"]
     assert s.outputs[0].io_type == "MACE_CONCEPTS"
+    # the list was the last input when it came; Train and Erase have since gained their image_* inputs after it
+    later = ["image_steps", "image_cfg", "image_sampler", "image_scheduler"]
     for stage in STAGES:
-        last = pack[stage].define_schema().inputs[-1]
-        assert (last.id, last.optional, last.io_type) == ("concept_list", True, "MACE_CONCEPTS"), stage
-        assert last.tooltip, stage
+        ids = [i.id for i in pack[stage].define_schema().inputs]
+        after = later if stage in ("MACETrainConceptLoRA", "MACEErase") else []
+        assert ids[len(ids) - len(after):] == after, stage
+        listed = pack[stage].define_schema().inputs[len(ids) - len(after) - 1]
+        assert (listed.id, listed.optional, listed.io_type) == ("concept_list", True, "MACE_CONCEPTS"), stage
+        assert listed.tooltip, stage
 
 
 def test_a_saved_api_graph_without_the_list_still_validates(pack):

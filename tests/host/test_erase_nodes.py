@@ -77,6 +77,12 @@ def test_schemas(pack, m):
         assert erase[name].tooltip == refine_inputs[name].tooltip, name
         assert getattr(erase[name], "default", None) == getattr(refine_inputs[name], "default", None), name
     assert erase["mode"].options == ["quick", "full"] and erase["mode"].default == "full"
+    train = {i.id: i for i in pack["MACETrainConceptLoRA"].GET_SCHEMA().inputs}
+    ids = [i.id for i in pack["MACEErase"].GET_SCHEMA().inputs]
+    assert ids[-4:] == ["image_steps", "image_cfg", "image_sampler", "image_scheduler"], "new inputs go last"
+    for name in ids[-4:]:  # the same settings as Train's, as Erase's full mode makes its images
+        assert erase[name].default == train[name].default and erase[name].optional, name
+        assert "quick" in erase[name].tooltip, name
     check = {i.id: i for i in pack["MACEErasureCheck"].GET_SCHEMA().inputs}
     assert check["cfg"].default == 7.0 and "3" in check["cfg"].tooltip
     assert check["image_size"].default == 0 and check["images_per_prompt"].default == 2
@@ -148,6 +154,8 @@ def test_cancel_in_training_changes_nothing(m, small, monkeypatch):
 @pytest.mark.parametrize("call,input_name", [
     (lambda m, a: m.erase.erase_model(*a[:2], "Claude Monet", mode="fast"), "mode"),
     (lambda m, a: m.erase.erase_model(*a[:2], "", "celebrity", mode="quick"), "concepts"),
+    (lambda m, a: m.erase.erase_model(*a[:2], "Claude Monet", image_sampler="nope"), "image_sampler"),
+    (lambda m, a: m.erase.erase_model(*a[:2], "Claude Monet", image_cfg=-2.0), "image_cfg"),
     (lambda m, a: m.check.erasure_check(a[0], a[0], a[1], a[2], "", "celebrity"), "concepts"),
     (lambda m, a: m.check.erasure_check(a[0], a[0], a[1], a[2], "x", images_per_prompt=0), "images_per_prompt"),
     (lambda m, a: m.check.erasure_check(a[0], a[0], a[1], a[2], "x", image_size=60), "image_size"),

@@ -118,8 +118,9 @@ def test_inputs_added_last_and_optional(pack):
     t = [i for i in pack[TRAIN].define_schema().inputs]
     assert [i.id for i in r][-3:] == ["concept_file", "edit_pooled", "concept_list"] and all(i.optional for i in r[-3:])
     assert r[-3].default == "" and r[-2].default is False
-    assert [i.id for i in t][-5:] == ["concept_file", "resume_folder", "settings", "batch", "concept_list"]
-    assert all(i.optional for i in t[-5:])
+    assert [i.id for i in t][-9:] == ["concept_file", "resume_folder", "settings", "batch", "concept_list",
+                                      "image_steps", "image_cfg", "image_sampler", "image_scheduler"]
+    assert all(i.optional for i in t[-9:])
     assert [i.id for i in r][:8] == ["model", "clip", "concepts", "concept_type", "anchor", "preserve",
                                      "preservation_strength", "lambda_"], "existing inputs keep their order"
 
@@ -276,6 +277,28 @@ def _train(pack, model, clip, n, folder="", steps=2, seed=3, batch=0):
         return pack[TRAIN].execute(model, clip, "\n".join(RESUME_NAMES[:n]), "celebrity", "", steps, 1e-2, 1, seed,
                                    "uniform", 2, "whole image", latents=lat, resume_folder=folder,
                                    batch=batch).result[0]
+
+
+def test_other_image_settings_train_again_and_the_same_ones_resume(pack, mods, tiny, loras_dir, monkeypatch):
+    """A concept's file records how its images were made: a rerun with the same image settings loads it, one with
+    another sampler run trains it again (its images are other images)."""
+    model, clip = tiny
+    trained = count_training(mods, monkeypatch)
+
+    def run(**image):
+        with torch.inference_mode():
+            return mods.train.train_concept_loras(model, clip, "Tom Hanks\nMeryl Streep", "celebrity", steps=2,
+                                                  learning_rate=1e-2, images_per_concept=1, image_size=64,
+                                                  mask_source="whole image", settings="custom",
+                                                  resume_folder="mace/images", **image)[0]
+
+    first = run(image_steps=3)
+    assert len(trained) == 2
+    again = run(image_steps=3)
+    assert len(trained) == 2, "the same image settings: both loaded"
+    _same(first, again)
+    run(image_steps=3, image_cfg=2.5)
+    assert len(trained) == 4, "another guidance: other images, trained again"
 
 
 def exact_device() -> bool:

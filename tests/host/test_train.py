@@ -47,15 +47,19 @@ def test_schema(pack):
     assert names[:16] == ["model", "clip", "concepts", "concept_type", "anchor", "steps", "learning_rate", "rank",
                           "seed", "timestep_sampling", "images_per_concept", "mask_source", "latents", "mask",
                           "image_size", "image_model"]
-    assert names[16:] == ["concept_file", "resume_folder", "settings", "batch", "concept_list"]
+    assert names[16:] == ["concept_file", "resume_folder", "settings", "batch", "concept_list", "image_steps",
+                          "image_cfg", "image_sampler", "image_scheduler"]
     assert all(i.tooltip for i in s.inputs)
-    assert [i.optional for i in s.inputs][-6:] == [True] * 6
+    assert [i.optional for i in s.inputs][-10:] == [True] * 10
     defaults = {i.id: getattr(i, "default", None) for i in s.inputs}
     assert (defaults["steps"], defaults["learning_rate"], defaults["rank"], defaults["images_per_concept"]) == \
         (50, 1e-4, 1, 8)
-    batch = s.inputs[-2]
+    # the images are made as before the inputs existed, so saved workflows and resume folders give the same LoRAs
+    assert [defaults[k] for k in names[-4:]] == [20, 7.0, "euler", "normal"]
+    assert all("Ignored when latents are connected." in i.tooltip for i in s.inputs[-4:])
+    batch = s.inputs[-6]
     assert (batch.default, batch.min) == (0, 0) and "automatic" in batch.tooltip
-    settings = s.inputs[-3]
+    settings = s.inputs[-7]
     assert settings.options == ["per type (paper)", "custom"] and settings.default == "per type (paper)"
     # the presets are shown where the choice is made
     assert "explicit: lr 1e-5, 120 steps, uniform timesteps" in settings.tooltip and "custom" in settings.tooltip
@@ -292,6 +296,10 @@ def test_progress_covers_image_generation_masks_and_training(mods, tiny, batch):
     (dict(images_per_concept=0), "images_per_concept"),
     (dict(timestep_sampling="cosine"), "timestep_sampling"),
     (dict(concepts=""), "concepts"),
+    (dict(image_steps=0), "image_steps"),
+    (dict(image_cfg=-1.0), "image_cfg"),
+    (dict(image_sampler="dpm_turbo_9000"), "image_sampler"),
+    (dict(image_scheduler="cosine"), "image_scheduler"),
 ])
 def test_bad_input_names_the_input(mods, tiny, kwargs, input_name):
     model, clip = tiny
@@ -391,7 +399,7 @@ def test_saved_workflows_keep_loading_and_keep_their_values(pack, mods, tiny):
                                   "control_after_generate", "timestep_sampling", "images_per_concept",
                                   "mask_source", "image_size", "concept_file", "resume_folder"], \
         "the frontend assigns saved values by position: every old widget keeps its place"
-    assert names[len(SAVED):] == ["settings", "batch"]
+    assert names[len(SAVED):] == ["settings", "batch", "image_steps", "image_cfg", "image_sampler", "image_scheduler"]
     for values, lr in ((SAVED, 1e-4), (SAVED[:4] + [1e-2] + SAVED[5:], 1e-2)):
         inputs = {n: v for n, v in zip(names, values) if n != "control_after_generate"}
         inputs.update(model=["1", 0], clip=["1", 1])
@@ -409,3 +417,61 @@ def test_saved_workflows_keep_loading_and_keep_their_values(pack, mods, tiny):
         assert (lora.concept, lora.concept_type, lora.meta["learning_rate"], lora.steps) == \
             ("Claude Monet", "style", lr, 50), "a saved workflow trains as it says; a typed value stays"
         assert lora.meta["settings"] == "per type (paper)"
+
+
+# ---------------------------------------------------------------- how the training images are made
+
+def _image_run(mods, model, clip, seen, **image):
+    import comfy.utils
+
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append(total))
+    try:
+        with torch.inference_mode():
+            bundle, _, _ = mods.train.train_concept_loras(model, clip, "Claude Monet", "celebrity", steps=2,
+                                                          learning_rate=1e-2, images_per_concept=2, image_size=64,
+                                                          mask_source="attention", settings="custom", **image)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    return bundle.loras[0]
+
+
+def test_image_settings_make_the_training_images(mods, tiny):
+    """image_steps, image_cfg, image_sampler and image_scheduler reach the sampler that makes the images: the bar
+    counts the steps asked for, other settings give other data and so other LoRAs, and the inputs left at their
+    defaults give the images (and LoRAs) Train made before they existed."""
+    model, clip = tiny
+    before = snapshot(model)
+    seen = {k: [] for k in ("none", "defaults", "other")}
+    plain = _image_run(mods, model, clip, seen["none"])
+    same = _image_run(mods, model, clip, seen["defaults"], image_steps=20, image_cfg=7.0, image_sampler="euler",
+                      image_scheduler="normal")
+    other = _image_run(mods, model, clip, seen["other"], image_steps=4, image_cfg=2.0, image_sampler="dpmpp_2m",
+                       image_scheduler="karras")
+    assert set(seen["none"]) == set(seen["defaults"]) == {20 + 1 + 2}
+    assert set(seen["other"]) == {4 + 1 + 2}, "the bar counts the sampler steps asked for"
+    for k in plain.keys:
+        assert torch.equal(plain.up[k], same.up[k]) and torch.equal(plain.down[k], same.down[k])
+    assert any(not torch.allclose(plain.up[k], other.up[k]) for k in plain.keys), "other images, another LoRA"
+    after = model.model_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_sampler_that_draws_noise_makes_each_concepts_images_alone(mods, tiny):
+    """An ancestral sampler draws noise at every step from the run's seed, so one run for several concepts would give
+    each concept images that depend on the batch. Such a sampler makes each concept's images in a run of its own:
+    concept i's images still depend only on its seed."""
+    model, clip = tiny
+    att = mods.att
+    texts, seeds = ["a photo of Tom Hanks", "a photo of a red car", "a painting by Claude Monet"], [5, 6, 7]
+    ancestral = att.ImageSampling(steps=4, cfg=5.0, sampler="euler_ancestral")
+    assert not ancestral.batchable() and att.ImageSampling().batchable()
+    with torch.inference_mode():
+        alone = [att.generate_latents(model, clip, t, 2, 64, s, sampling=ancestral) for t, s in zip(texts, seeds)]
+        steps = []
+        batched = att.generate_latents_batch(model, clip, texts, 2, 64, seeds, on_step=steps.append, sampling=ancestral)
+        euler = att.generate_latents(model, clip, texts[1], 2, 64, seeds[1], sampling=att.ImageSampling(steps=4,
+                                                                                                        cfg=5.0))
+    for a, b in zip(alone, batched):
+        assert torch.equal(a, b)
+    assert not torch.allclose(alone[1], euler, atol=1e-3), "the ancestral sampler was the one that ran"
+    assert steps == [1] * 12, "each text's own run counts its 4 steps for one text: the progress ends full, not over"

@@ -50,11 +50,11 @@ def test_batched_images_and_masks_equal_each_concept_alone(mods, tiny):
     with torch.inference_mode():
         alone = [att.generate_latents(model, clip, t, 2, 64, s) for t, s in zip(texts, seeds)]
         steps = []
-        batched = att.generate_latents_batch(model, clip, texts, 2, 64, seeds, on_step=lambda: steps.append(1))
+        batched = att.generate_latents_batch(model, clip, texts, 2, 64, seeds, on_step=steps.append)
         prompts = [att.concept_prompts(clip, c, [att.data_template(c)], end_id)[0] for c in items]
         masks_alone = [att.derive_masks(model, p, lat, seed=s) for p, lat, s in zip(prompts, alone, seeds)]
         masks_batched = att.derive_masks_batch(model, prompts, alone, seeds)
-    assert len(steps) == att.GEN_STEPS, "one progress call per sampler step of the whole batch"
+    assert steps == [3] * att.GEN_STEPS, "one progress call per sampler step of the whole batch, for its 3 texts"
     assert [tuple(b.shape) for b in batched] == [(2, 4, 8, 8)] * 3
     for a, b in zip(alone, batched):
         # the sampler's 20 steps reach latents of size ~100 on this random model; a batched matmul may sum in another
