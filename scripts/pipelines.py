@@ -101,7 +101,9 @@ def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
     train = g.add("MACETrainConceptLoRA", model=refined[0], clip=clip, concepts="", concept_type=concept_type,
                   anchor="", steps=train_steps, learning_rate=learning_rate, rank=1, seed=seed,
                   timestep_sampling="importance", images_per_concept=images, mask_source="auto",
-                  image_size=image_size, image_model=model, concept_list=cl)
+                  image_size=image_size, image_model=model, concept_list=cl,
+                  # the training images at the guidance the pictures are sampled at (the world's 3, a checkpoint's 7)
+                  image_cfg=cfg)
     fused = g.add("MACEFuseLoRAs", model=refined[0], clip=clip, loras=train[0], preserve="",
                   preservation_strength=1.0, lambda_=0.01, keep_target="input model", concept_list=cl)
     _before_after(g, clip, vae, model, fused[0], prompt or _prompt(concepts, concept_type), seed, size, steps,
@@ -128,7 +130,7 @@ def one_node_graph(concepts="Tomas Lindqvist", concept_type="celebrity", preserv
                    anchor="", preserve=preserve, prompts=prompts, concept_file="", corpus_file="")
     erased = g.add("MACEErase", model=model, clip=clip, concepts="", concept_type=concept_type, anchor="",
                    mode="full", preserve="", preservation_strength=1.0, lambda_=0.01, seed=seed,
-                   concept_list=listed[0])
+                   concept_list=listed[0], image_cfg=WORLD_DEFAULT["cfg"])
     grid = g.add("MACEErasureCheck", model=model, erased_model=erased[0], clip=clip, vae=vae, concepts="",
                  concept_type=concept_type, anchor="", other_prompts="", preserve="", seed=seed, images_per_prompt=2,
                  steps=20, cfg=WORLD_DEFAULT["cfg"], sampler_name="euler", scheduler="normal", image_size=0,
