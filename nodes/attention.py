@@ -34,13 +34,12 @@ log = logging.getLogger("MACE")
 _BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
 _WHERE = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 
-# How Train makes its images when no latents are given (its image_* inputs' defaults): KSampler's steps, sampler and
-# scheduler, at a guidance usual for Stable Diffusion checkpoints. The paper made its images with 30 DPM-Solver++
-# steps at guidance 7.5 (docs/method.md says why these stay). Changing a default changes every concept's data:
-# bump train.RESUME_VERSION with it.
-GEN_STEPS = 20
-GEN_CFG = 7.0
-GEN_SAMPLER = "euler"
+# How Train makes its images when no latents are given (its image_* inputs' defaults): as the paper made them, 30
+# DPM-Solver++ steps (diffusers' multistep solver, second order: ComfyUI's dpmpp_2m) at guidance 7.5, on the model's
+# own noise schedule. Changing a default changes every concept's data: bump train.RESUME_VERSION with it.
+GEN_STEPS = 30
+GEN_CFG = 7.5
+GEN_SAMPLER = "dpmpp_2m"
 GEN_SCHEDULER = "normal"
 # Samplers that draw no noise of their own and treat every sample alone, so a batch of several concepts' images gives
 # each the images it gets alone. Any other sampler (ancestral, SDE, LCM, adaptive steps) samples one concept at a time.

@@ -544,7 +544,10 @@ def _train_batches(tm, todo, items, data, per, cfgs, shapes, req: TrainRequest, 
 
 # ---------------------------------------------------------------- resumable runs
 
-RESUME_VERSION = 2  # 2: the paper's LoRA start (normal down matrix) and settings per concept; files of 1 train again
+# 2: the paper's LoRA start (normal down matrix) and settings per concept. 3: training images made as the paper made
+# them (30 dpmpp_2m steps at 7.5, no longer 20 euler steps at 7) and the image settings in the key. Older files
+# train again.
+RESUME_VERSION = 3
 
 
 def _digest(tensors) -> str:
@@ -574,9 +577,8 @@ class _Resume:
             source = image_model if image_model is not None else model
             run["data"] = {"images": req.images_per_concept,
                            "size": req.image_size or attention.default_image_size(model),
-                           "source": _digest(host.current_weights(source, keys).values()) if image_model else "model"}
-            if req.image_sampling() != attention.ImageSampling():  # only then: files written before it still load
-                run["data"]["sampling"] = repr(req.image_sampling())
+                           "source": _digest(host.current_weights(source, keys).values()) if image_model else "model",
+                           "sampling": repr(req.image_sampling())}
         self.run, self.samples, self.mask, self.mask_source = run, samples, mask, req.mask_source
         self.k = samples.shape[0] // len(items) if samples is not None else req.images_per_concept
         slugs = [slug(c.name) for c in items]

@@ -123,8 +123,8 @@ def test_full_runs_three_stages_on_one_bar_and_leaves_the_model_alone(m, small):
     assert any(not torch.allclose(w[k], wq[k]) for k in keys), "full mode must add the trained, fused LoRA"
     assert [e["concept"] for e in m.fuse.erased_concepts(out)] == ["Claude Monet"]
     totals = {t for _, t in seen}
-    # paper settings for a celebrity: 50 steps; 20 sampler steps of images + masks; refine 2, fuse 3 units
-    assert totals == {2 + (50 + 20 + 1) + 3}, totals
+    # paper settings for a celebrity: 50 steps; the paper's 30 sampler steps of images + masks; refine 2, fuse 3 units
+    assert totals == {2 + (50 + 30 + 1) + 3}, totals
     values = [v for v, _ in seen]
     assert values == sorted(values), "one bar that never goes back"
     assert values[-1] == max(totals) and len(set(values)) > 30, "filled once, step by step"

@@ -54,8 +54,8 @@ def test_schema(pack):
     defaults = {i.id: getattr(i, "default", None) for i in s.inputs}
     assert (defaults["steps"], defaults["learning_rate"], defaults["rank"], defaults["images_per_concept"]) == \
         (50, 1e-4, 1, 8)
-    # the images are made as before the inputs existed, so saved workflows and resume folders give the same LoRAs
-    assert [defaults[k] for k in names[-4:]] == [20, 7.0, "euler", "normal"]
+    # the paper's images: 30 DPM-Solver++ steps at guidance 7.5 (MACE.md)
+    assert [defaults[k] for k in names[-4:]] == [30, 7.5, "dpmpp_2m", "normal"]
     assert all("Ignored when latents are connected." in i.tooltip for i in s.inputs[-4:])
     batch = s.inputs[-6]
     assert (batch.default, batch.min) == (0, 0) and "automatic" in batch.tooltip
@@ -437,17 +437,17 @@ def _image_run(mods, model, clip, seen, **image):
 
 def test_image_settings_make_the_training_images(mods, tiny):
     """image_steps, image_cfg, image_sampler and image_scheduler reach the sampler that makes the images: the bar
-    counts the steps asked for, other settings give other data and so other LoRAs, and the inputs left at their
-    defaults give the images (and LoRAs) Train made before they existed."""
+    counts the steps asked for, other settings give other data and so other LoRAs, and an API graph that leaves the
+    inputs out gets the paper's settings."""
     model, clip = tiny
     before = snapshot(model)
     seen = {k: [] for k in ("none", "defaults", "other")}
     plain = _image_run(mods, model, clip, seen["none"])
-    same = _image_run(mods, model, clip, seen["defaults"], image_steps=20, image_cfg=7.0, image_sampler="euler",
+    same = _image_run(mods, model, clip, seen["defaults"], image_steps=30, image_cfg=7.5, image_sampler="dpmpp_2m",
                       image_scheduler="normal")
-    other = _image_run(mods, model, clip, seen["other"], image_steps=4, image_cfg=2.0, image_sampler="dpmpp_2m",
+    other = _image_run(mods, model, clip, seen["other"], image_steps=4, image_cfg=2.0, image_sampler="euler",
                        image_scheduler="karras")
-    assert set(seen["none"]) == set(seen["defaults"]) == {20 + 1 + 2}
+    assert set(seen["none"]) == set(seen["defaults"]) == {30 + 1 + 2}
     assert set(seen["other"]) == {4 + 1 + 2}, "the bar counts the sampler steps asked for"
     for k in plain.keys:
         assert torch.equal(plain.up[k], same.up[k]) and torch.equal(plain.down[k], same.down[k])
