@@ -122,6 +122,8 @@ def main(argv=None):
         prefix=args.name,
         learning_rate=args.learning_rate or defaults.get("learning_rate", 1e-4),
         cfg=defaults.get("cfg", 7.0),
+        # the world's training images at its guidance too (at 7 it oversaturates); a checkpoint's at Train's default
+        image_cfg=defaults.get("cfg"),
     ).api()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

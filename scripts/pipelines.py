@@ -87,10 +87,10 @@ def train_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
 
 def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style", preserve="", prompt=None, seed=42,
                 size=512, steps=20, train_steps=50, learning_rate=1e-4, image_size=0, prefix="mace_erasure",
-                world_seed=0, images=8, cfg=7.0) -> Graph:
+                world_seed=0, images=8, cfg=7.0, image_cfg=None) -> Graph:
     """The whole MACE pipeline: refine, one LoRA per concept, closed-form fusion, before/after, save the erasure. The
     concepts and the concepts to preserve are typed once, into MACE Concept List, which every stage reads (issue 16);
-    the stages' own boxes stay blank."""
+    the stages' own boxes stay blank. `image_cfg`: the guidance of Train's images; None is the node's (the paper's)."""
     g = Graph()
     model, clip, vae = _loader(g, ckpt, world_seed)
     listed = g.add("MACEConceptList", title="Concepts (typed once)", concepts=concepts, concept_type=concept_type,
@@ -102,8 +102,7 @@ def erase_graph(ckpt=DEFAULT_CKPT, concepts="Claude Monet", concept_type="style"
                   anchor="", steps=train_steps, learning_rate=learning_rate, rank=1, seed=seed,
                   timestep_sampling="importance", images_per_concept=images, mask_source="auto",
                   image_size=image_size, image_model=model, concept_list=cl,
-                  # the training images at the guidance the pictures are sampled at (the world's 3, a checkpoint's 7)
-                  image_cfg=cfg)
+                  **({} if image_cfg is None else {"image_cfg": image_cfg}))
     fused = g.add("MACEFuseLoRAs", model=refined[0], clip=clip, loras=train[0], preserve="",
                   preservation_strength=1.0, lambda_=0.01, keep_target="input model", concept_list=cl)
     _before_after(g, clip, vae, model, fused[0], prompt or _prompt(concepts, concept_type), seed, size, steps,
@@ -160,7 +159,7 @@ def world_graph() -> Graph:
     return erase_graph(ckpt=None, concepts=w["concepts"], concept_type=w["concept_type"], preserve=w["preserve"],
                        size=w["size"], steps=w["sample_steps"], train_steps=w["steps"],
                        learning_rate=w["learning_rate"], image_size=w["size"], prefix="mace_world_erasure",
-                       cfg=w["cfg"])
+                       cfg=w["cfg"], image_cfg=w["cfg"])
 
 
 WORKFLOWS = {"refine_cross_attention": refine_graph, "train_concept_lora": train_graph, "mace_erase": erase_graph,
