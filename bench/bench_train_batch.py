@@ -141,8 +141,8 @@ def main():
 
     data_rows = {}
     if args.data_batches.strip():
-        # the data phase as the node runs it: one sampler run for the batch's images (Train's default image settings), then one
-        # batch of attention forwards for their masks; per concept = the batch's time / its concepts
+        # the data phase as the node runs it: one sampler run for the batch's images (Train's default image
+        # settings), then one batch of attention forwards for their masks; per concept = the batch's time / its concepts
         with torch.inference_mode():
             for k in [int(b) for b in args.data_batches.split(",")]:
                 texts = [att.data_template(c).format(c.name) for c in items[:k]]

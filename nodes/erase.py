@@ -127,9 +127,9 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
     separate nodes with their defaults. Every stage returns a clone, so the input MODEL is never changed, whatever
     stage a cancel or an error stops."""
     _check_mode(mode)
-    images = sampling.image_sampling_args(image_steps, image_cfg, image_sampler, image_scheduler)
+    images = sampling.image_sampling(image_steps, image_cfg, image_sampler, image_scheduler)
     if mode == FULL:  # before any stage runs: nothing is half-done when a setting is wrong
-        sampling.check_sampler(*images.values(), sampling.IMAGE_SAMPLING_INPUTS)
+        sampling.check_image_sampling(images)
     # bad lists fail before any work; every stage then reads this one list (its boxes are not passed on)
     cl = stage_list(concept_list, "MACE Erase", concepts, concept_type, anchor, concept_file, preserve)
     items = list(cl.concepts)
@@ -140,7 +140,7 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
         units = [refine.progress_units(n, kept)]
     else:
         per = [concept_settings(c.concept_type, PER_TYPE) for c in items]
-        units = [refine.progress_units(n, kept), sum(p.steps + images["image_steps"] + 1 for p in per),
+        units = [refine.progress_units(n, kept), sum(p.steps + images.steps + 1 for p in per),
                  fuse.progress_units(n, kept, preservation_strength)]
     with StageProgress(units) as bar:
         bar.next()
@@ -152,7 +152,7 @@ def erase_model(model, clip, concepts, concept_type="celebrity", anchor="", mode
             return refined
         bar.next()
         req = train.TrainRequest(concept_type=cl.concept_type, seed=seed, image_size=sampling.native_size(model),
-                                 image_model=model, concept_list=cl, **images)
+                                 image_model=model, concept_list=cl, sampling=images)
         bundle, _, _ = train.train_loras(refined, clip, req)
         bar.next()
         out = fuse.fuse_model(refined, clip, bundle, "", preservation_strength, lambda_, concept_list=cl)

@@ -93,12 +93,17 @@ def image_sampling_inputs(unused: str) -> list:
     ]
 
 
-def image_sampling_args(steps=None, cfg=None, sampler=None, scheduler=None) -> dict:
-    """Train's image_* inputs as TrainRequest fields; None (an API graph leaving an optional input out, or a caller
-    that does not set it) is the input's default."""
+def image_sampling(steps=None, cfg=None, sampler=None, scheduler=None) -> attention.ImageSampling:
+    """Train's image_* inputs as one ImageSampling; None (an API graph leaving an optional input out, or a caller that
+    does not set it) is the input's default."""
     d = attention.ImageSampling()
-    return {"image_steps": d.steps if steps is None else steps, "image_cfg": d.cfg if cfg is None else cfg,
-            "image_sampler": sampler or d.sampler, "image_scheduler": scheduler or d.scheduler}
+    return attention.ImageSampling(d.steps if steps is None else steps, d.cfg if cfg is None else cfg,
+                                   sampler or d.sampler, scheduler or d.scheduler)
+
+
+def check_image_sampling(s: attention.ImageSampling):
+    """The image_* inputs' errors, each naming its input."""
+    check_sampler(s.steps, s.cfg, s.sampler, s.scheduler, IMAGE_SAMPLING_INPUTS)
 
 
 def seed_noise(latent: torch.Tensor, seeds: list[int]) -> torch.Tensor:

@@ -50,7 +50,7 @@ from .inputs import (
     stage_list,
 )
 from .loras import inside, loras_root, slug
-from .sampling import IMAGE_SAMPLING_INPUTS, check_sampler, image_sampling_args, image_sampling_inputs
+from .sampling import check_image_sampling, image_sampling, image_sampling_inputs
 
 log = logging.getLogger("MACE")
 
@@ -82,13 +82,7 @@ class TrainRequest:
     settings: str = PER_TYPE
     batch: int = 0
     concept_list: object = None  # a mace_core.concepts.ConceptList
-    image_steps: int = attention.GEN_STEPS
-    image_cfg: float = attention.GEN_CFG
-    image_sampler: str = attention.GEN_SAMPLER
-    image_scheduler: str = attention.GEN_SCHEDULER
-
-    def image_sampling(self) -> attention.ImageSampling:
-        return attention.ImageSampling(self.image_steps, self.image_cfg, self.image_sampler, self.image_scheduler)
+    sampling: attention.ImageSampling = attention.ImageSampling()  # the image_* inputs: how images are drawn
 
 
 class MACETrainConceptLoRA(io.ComfyNode):
@@ -203,7 +197,7 @@ class MACETrainConceptLoRA(io.ComfyNode):
                            mask=mask, image_size=image_size or 0, image_model=image_model,
                            concept_file=concept_file or "", resume_folder=resume_folder or "",
                            settings=settings or PER_TYPE, batch=batch or 0, concept_list=concept_list,
-                           **image_sampling_args(image_steps, image_cfg, image_sampler, image_scheduler))
+                           sampling=image_sampling(image_steps, image_cfg, image_sampler, image_scheduler))
         bundle, model_out, curves = train_loras(model, clip, req)
         return io.NodeOutput(bundle, model_out, render_loss_curve(curves))
 
@@ -248,7 +242,7 @@ def _check_inputs(items, req: TrainRequest, model):
     elif req.images_per_concept < 1:
         raise MaceInputError("images_per_concept", f"must be at least 1, got {req.images_per_concept}.")
     if samples is None:
-        check_sampler(req.image_steps, req.image_cfg, req.image_sampler, req.image_scheduler, IMAGE_SAMPLING_INPUTS)
+        check_image_sampling(req.sampling)
     if req.image_size and req.image_size < 64:
         raise MaceInputError("image_size", f"must be 0 (automatic) or at least 64, got {req.image_size}.")
     if mask is not None:
@@ -285,7 +279,7 @@ def _prepare_data(model, clip, items, enc, samples, mask, req: TrainRequest, pro
         else:
             texts = [attention.data_template(items[i]).format(items[i].name) for i in chunk]
             made = attention.generate_latents_batch(source, clip, texts, k, size, [seed + i for i in chunk],
-                                                    on_step=progress, sampling=req.image_sampling())
+                                                    on_step=progress, sampling=req.sampling)
             lats = dict(zip(chunk, made))
         masks = {}
         for i in chunk:
@@ -414,7 +408,7 @@ def _training_batch(tm, data: _ConceptData, up: dict, down: dict, asked: int, co
 
 def _data_units(samples, req: TrainRequest) -> int:
     """Progress units of one concept's data: each sampler step of its generated images, then its masks."""
-    return 1 if samples is not None else req.image_steps + 1
+    return 1 if samples is not None else req.sampling.steps + 1
 
 
 def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DEFAULT_STEPS,
@@ -430,7 +424,7 @@ def train_concept_loras(model, clip, concepts, concept_type, anchor="", steps=DE
         rank=rank, seed=seed, timestep_sampling=timestep_sampling, images_per_concept=images_per_concept,
         mask_source=mask_source, latents=latents, mask=mask, image_size=image_size, image_model=image_model,
         concept_file=concept_file, resume_folder=resume_folder, settings=settings, batch=batch,
-        concept_list=concept_list, **image_sampling_args(image_steps, image_cfg, image_sampler, image_scheduler)))
+        concept_list=concept_list, sampling=image_sampling(image_steps, image_cfg, image_sampler, image_scheduler)))
 
 
 def train_loras(model, clip, req: TrainRequest):
@@ -578,7 +572,7 @@ class _Resume:
             run["data"] = {"images": req.images_per_concept,
                            "size": req.image_size or attention.default_image_size(model),
                            "source": _digest(host.current_weights(source, keys).values()) if image_model else "model",
-                           "sampling": repr(req.image_sampling())}
+                           "sampling": repr(req.sampling)}
         self.run, self.samples, self.mask, self.mask_source = run, samples, mask, req.mask_source
         self.k = samples.shape[0] // len(items) if samples is not None else req.images_per_concept
         slugs = [slug(c.name) for c in items]
